@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Fixed-shape LoRA fine-tuning / inference benchmark in PyTorch + PEFT (the reference
+numbers the Rust `lora` benchmarks are compared with).
+
+Run (with the reference venv made by scripts/reference/setup_venv.sh):
+
+    VENV=${LORA_REF_VENV:-$HOME/.cache/lora-rs/venv}
+    $VENV/bin/python bench/reference/peft_bench.py                # random MiniLM-L6-shaped BERT
+    $VENV/bin/python bench/reference/peft_bench.py --model ~/.cache/lora-rs/models/all-MiniLM-L6-v2
+    options: --threads 2 --steps 10 --batch 32 --seq-len 128 --infer-reps 10
+
+Workload: BertForSequenceClassification with the all-MiniLM-L6-v2 shape (hidden 384,
+6 layers, 12 heads, FFN 1536, vocab 30522, 512 positions), 4 labels, random init
+(torch.manual_seed(0)) or the real weights with --model (head random). LoRA r=8, alpha=16,
+dropout 0.1 on query,value; classifier head trainable (PEFT modules_to_save); AdamW lr 5e-4
+over the trainable parameters. Inputs: random token ids, batch 32 x 128 tokens, attention
+mask all ones, random labels (fixed seed).
+
+Measures (medians of wall-clock times, samples/s = batch / median seconds):
+  train_samples_per_s            forward + backward + optimizer step (+ zero_grad), model.train();
+                                 2 warm-up steps, then the median of --steps steps
+  infer_samples_per_s_base       model.eval() + torch.inference_mode() forward, bare base model
+  infer_samples_per_s_unmerged   same with the LoRA adapter attached (not merged)
+  infer_samples_per_s_merged     same after merge_and_unload()
+                                 (each: 1 warm-up pass, then the median of --infer-reps passes)
+  peak_rss_mb                    ru_maxrss of the training process (MB = 2^20 bytes)
+  peak_rss_mb_train / _infer     ru_maxrss of each measuring process
+Training and inference run in separate subprocesses (--mode train / --mode infer) so each
+peak RSS is its own; without --mode this script runs both and prints ONE JSON object on
+stdout (progress goes to stderr).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+LABELS = 4
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def peak_rss_mb():
+    # Linux: ru_maxrss in KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def build(args):
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if args.model:
+        model = BertForSequenceClassification.from_pretrained(
+            args.model, num_labels=LABELS, dtype=torch.float32)
+    else:
+        config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                            num_attention_heads=12, intermediate_size=1536,
+                            max_position_embeddings=512, type_vocab_size=2,
+                            hidden_act="gelu", layer_norm_eps=1e-12, num_labels=LABELS)
+        model = BertForSequenceClassification(config)
+    model = model.float()
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
+                      target_modules=["query", "value"])  # classifier -> modules_to_save
+    return model, lora, get_peft_model
+
+
+def inputs(args, vocab):
+    import torch
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=g, dtype=torch.int64)
+    mask = torch.ones(args.batch, args.seq_len, dtype=torch.int64)
+    types = torch.zeros(args.batch, args.seq_len, dtype=torch.int64)
+    labels = torch.randint(0, LABELS, (args.batch,), generator=g, dtype=torch.int64)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, labels
+
+
+def mode_train(args):
+    import torch
+    model, lora, get_peft_model = build(args)
+    model = get_peft_model(model, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    batch, labels = inputs(args, model.config.vocab_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    model.train()
+    times = []
+    for step in range(2 + args.steps):
+        t0 = time.perf_counter()
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        if step >= 2:
+            times.append(dt)
+        log(f"train step {step}{' (warm-up)' if step < 2 else ''}: {dt:.3f}s "
+            f"loss {out.loss.item():.4f}")
+    med = statistics.median(times)
+    return {"train_step_s_median": med, "train_samples_per_s": args.batch / med,
+            "trainable_params": trainable, "total_params": total,
+            "attn_implementation": model.config._attn_implementation,
+            "peak_rss_mb_train": peak_rss_mb()}
+
+
+def time_infer(model, batch, reps, what):
+    import torch
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(1 + reps):
+            t0 = time.perf_counter()
+            model(**batch)
+            dt = time.perf_counter() - t0
+            if i >= 1:
+                times.append(dt)
+    med = statistics.median(times)
+    log(f"infer {what}: median {med:.3f}s over {reps}")
+    return med
+
+
+def mode_infer(args):
+    model, lora, get_peft_model = build(args)
+    batch, _ = inputs(args, model.config.vocab_size)
+    t_base = time_infer(model, batch, args.infer_reps, "base")
+    model = get_peft_model(model, lora)  # wraps the same (in-place) base modules
+    t_unmerged = time_infer(model, batch, args.infer_reps, "unmerged")
+    model = model.merge_and_unload()
+    t_merged = time_infer(model, batch, args.infer_reps, "merged")
+    b = args.batch
+    return {"infer_samples_per_s_unmerged": b / t_unmerged,
+            "infer_samples_per_s_merged": b / t_merged,
+            "infer_samples_per_s_base": b / t_base,
+            "peak_rss_mb_infer": peak_rss_mb()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mode", choices=["train", "infer"], help="(internal) one measurement")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--infer-reps", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--model", help="HF BERT folder (e.g. all-MiniLM-L6-v2) instead of random init")
+    args = ap.parse_args()
+
+    if args.mode:
+        import torch
+        torch.set_num_threads(args.threads)
+        res = mode_train(args) if args.mode == "train" else mode_infer(args)
+        print(json.dumps(res))
+        return 0
+
+    import peft
+    import torch
+    import transformers
+    result = {"tool": "pytorch+peft", "torch": torch.__version__,
+              "transformers": transformers.__version__, "peft": peft.__version__,
+              "threads": args.threads, "model": args.model or "random-init MiniLM-L6 shape",
+              "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+              "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"],
+                       "modules_to_save": ["classifier"], "optimizer": "AdamW lr 5e-4"}}
+    for mode in ("train", "infer"):
+        cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode,
+               "--threads", str(args.threads), "--steps", str(args.steps),
+               "--infer-reps", str(args.infer_reps), "--batch", str(args.batch),
+               "--seq-len", str(args.seq_len)] + (["--model", args.model] if args.model else [])
+        log(f"== {mode}")
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            log(f"{mode} subprocess failed with exit status {p.returncode}")
+            return 1
+        result.update(json.loads(p.stdout.strip().splitlines()[-1]))
+    result["peak_rss_mb"] = result["peak_rss_mb_train"]
+    order = ["tool", "torch", "threads", "train_samples_per_s", "infer_samples_per_s_unmerged",
+             "infer_samples_per_s_merged", "infer_samples_per_s_base", "peak_rss_mb"]
+    out = {k: result[k] for k in order}
+    out.update({k: v for k, v in result.items() if k not in out})
+    for k, v in out.items():
+        if isinstance(v, float):
+            out[k] = round(v, 4)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

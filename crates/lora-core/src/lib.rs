@@ -1,0 +1,16 @@
+//! LoRA core: the LoRA linear layer, custom ops with explicit backward passes,
+//! the typed target spec, and the builder that attaches adapters to a model
+//! from outside.
+
+pub mod builder;
+pub mod error;
+pub mod lora;
+pub mod ops;
+pub mod target;
+pub mod weights;
+
+pub use builder::{init_pair, AdapterPlan, AdapterSet, ModelBuilder, NamedVar, Preloaded};
+pub use error::{CoreError, Result};
+pub use lora::{scaling, Linear, LoraConfig, LoraInit, LoraWeights};
+pub use target::{TargetModules, TargetSpec};
+pub use weights::{MemorySource, SafetensorsSource, WeightSource};

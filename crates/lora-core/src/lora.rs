@@ -1,0 +1,371 @@
+//! The LoRA linear layer.
+//!
+//! `y = x·Wᵀ + b + dropout(x)·Aᵀ·Bᵀ·s`, with `W` (out×in) frozen, `A` (r×in) and
+//! `B` (out×r) trainable and `s = alpha/r` (or `alpha/√r` with rsLoRA).
+//! Merging folds `s·B·A` into `W`; both are explicit calls returning `Result`.
+//!
+//! A [`Linear`] is a cheap handle (`Arc`) so that the model owns it for the
+//! forward pass while the [`crate::AdapterSet`] keeps the same layer for
+//! merging, saving and optimisation, without the model knowing about LoRA.
+
+use crate::error::{CoreError, Result};
+use crate::ops;
+use candle_core::{Tensor, Var};
+use std::sync::{Arc, RwLock};
+
+/// How `A` and `B` start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoraInit {
+    /// PEFT's default: `A` Kaiming-uniform with a=√5 (i.e. U(-1/√in, 1/√in)), `B` zeros.
+    #[default]
+    KaimingUniform,
+    /// `A` ~ N(0, 1/r), `B` zeros (PEFT's `init_lora_weights="gaussian"`).
+    Gaussian,
+    /// Both random (PEFT's `init_lora_weights=False`): for tests, the update is non-zero.
+    Random,
+}
+
+/// Hyper-parameters of one adapter.
+#[derive(Debug, Clone)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub use_rslora: bool,
+    pub init: LoraInit,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.1,
+            use_rslora: false,
+            init: LoraInit::KaimingUniform,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        scaling(self.alpha, self.r, self.use_rslora)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.r == 0 {
+            return Err(CoreError::InvalidConfig("rank r=0: the rank must be at least 1".into()));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return Err(CoreError::InvalidConfig(format!(
+                "alpha={} must be a positive number",
+                self.alpha
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(CoreError::InvalidConfig(format!(
+                "dropout={} must be in [0, 1)",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+}
+
+pub fn scaling(alpha: f64, r: usize, rslora: bool) -> f64 {
+    if rslora {
+        alpha / (r as f64).sqrt()
+    } else {
+        alpha / r as f64
+    }
+}
+
+/// The trainable low-rank pair of one layer.
+#[derive(Clone)]
+pub struct LoraWeights {
+    /// (r, in)
+    pub a: Var,
+    /// (out, r)
+    pub b: Var,
+    pub scaling: f64,
+    pub dropout: f32,
+}
+
+enum Base {
+    /// Frozen weight (out, in) and bias: gradients reach only the input.
+    Frozen { weight: Tensor, bias: Option<Tensor> },
+    /// Fully trainable (PEFT's `modules_to_save`, e.g. the classification head).
+    Trainable { weight: Var, bias: Option<Var> },
+}
+
+struct Inner {
+    path: String,
+    base: Base,
+    lora: Option<LoraWeights>,
+    merged: bool,
+}
+
+/// A linear layer as model code sees it: frozen, trainable, or frozen + LoRA.
+#[derive(Clone)]
+pub struct Linear {
+    inner: Arc<RwLock<Inner>>,
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Linear({})", self.path())
+    }
+}
+
+impl Linear {
+    pub fn frozen(path: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::from_inner(path.into(), Base::Frozen { weight, bias }, None)
+    }
+
+    pub fn trainable(path: impl Into<String>, weight: Var, bias: Option<Var>) -> Self {
+        Self::from_inner(path.into(), Base::Trainable { weight, bias }, None)
+    }
+
+    pub fn with_lora(
+        path: impl Into<String>,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        lora: LoraWeights,
+    ) -> Result<Self> {
+        let path = path.into();
+        let (out_f, in_f) = weight.dims2()?;
+        let (r, a_in) = lora.a.as_tensor().dims2()?;
+        let (b_out, b_r) = lora.b.as_tensor().dims2()?;
+        if a_in != in_f || b_out != out_f || b_r != r {
+            return Err(CoreError::State(format!(
+                "{path}: lora_A {:?} / lora_B {:?} do not fit a {out_f}x{in_f} layer",
+                lora.a.as_tensor().dims(),
+                lora.b.as_tensor().dims()
+            )));
+        }
+        Ok(Self::from_inner(path, Base::Frozen { weight, bias }, Some(lora)))
+    }
+
+    fn from_inner(path: String, base: Base, lora: Option<LoraWeights>) -> Self {
+        Self {
+            inner: Arc::new(RwLock::new(Inner {
+                path,
+                base,
+                lora,
+                merged: false,
+            })),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn path(&self) -> String {
+        self.read().path.clone()
+    }
+
+    pub fn has_lora(&self) -> bool {
+        self.read().lora.is_some()
+    }
+
+    pub fn lora(&self) -> Option<LoraWeights> {
+        self.read().lora.clone()
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.read().merged
+    }
+
+    /// (out_features, in_features)
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(self.weight().dims2()?)
+    }
+
+    /// The current base weight (merged weight when merged).
+    pub fn weight(&self) -> Tensor {
+        match &self.read().base {
+            Base::Frozen { weight, .. } => weight.clone(),
+            Base::Trainable { weight, .. } => weight.as_tensor().clone(),
+        }
+    }
+
+    pub fn bias(&self) -> Option<Tensor> {
+        match &self.read().base {
+            Base::Frozen { bias, .. } => bias.clone(),
+            Base::Trainable { bias, .. } => bias.as_ref().map(|b| b.as_tensor().clone()),
+        }
+    }
+
+    /// The trainable base parameters (`modules_to_save`), if this is such a layer.
+    pub fn trainable_params(&self) -> Option<(Var, Option<Var>)> {
+        match &self.read().base {
+            Base::Trainable { weight, bias } => Some((weight.clone(), bias.clone())),
+            Base::Frozen { .. } => None,
+        }
+    }
+
+    /// `x (…, in) -> (…, out)`. `train` enables LoRA dropout.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let inner = self.read();
+        match &inner.base {
+            Base::Trainable { weight, bias } => {
+                ops::linear_reference(x, weight.as_tensor(), bias.as_ref().map(|b| b.as_tensor()))
+            }
+            Base::Frozen { weight, bias } => {
+                let y = ops::frozen_linear(x, weight, bias.as_ref())?;
+                match (&inner.lora, inner.merged) {
+                    (Some(l), false) => {
+                        let h = if train && l.dropout > 0.0 {
+                            candle_nn::ops::dropout(x, l.dropout)?
+                        } else {
+                            x.clone()
+                        };
+                        y + lora_branch(&h, l)?
+                    }
+                    (Some(_), true) if train => candle_core::bail!(
+                        "{}: cannot train while the adapter is merged; unmerge first",
+                        inner.path
+                    ),
+                    _ => Ok(y),
+                }
+            }
+        }
+    }
+
+    /// `s·B·A` (out, in), or `None` without an adapter.
+    pub fn delta_weight(&self) -> Result<Option<Tensor>> {
+        match &self.read().lora {
+            None => Ok(None),
+            Some(l) => Ok(Some(delta(l)?)),
+        }
+    }
+
+    /// Folds the update into `W`. Errors if already merged or without adapter.
+    pub fn merge(&self) -> Result<()> {
+        let mut inner = self.write();
+        if inner.merged {
+            return Err(CoreError::State(format!("{}: adapter already merged", inner.path)));
+        }
+        let d = match &inner.lora {
+            None => return Err(CoreError::State(format!("{}: no adapter to merge", inner.path))),
+            Some(l) => delta(l)?,
+        };
+        if let Base::Frozen { weight, .. } = &mut inner.base {
+            *weight = (&*weight + d)?;
+        }
+        inner.merged = true;
+        Ok(())
+    }
+
+    /// Subtracts the update from `W` again.
+    pub fn unmerge(&self) -> Result<()> {
+        let mut inner = self.write();
+        if !inner.merged {
+            return Err(CoreError::State(format!("{}: adapter is not merged", inner.path)));
+        }
+        let d = match &inner.lora {
+            None => return Err(CoreError::State(format!("{}: no adapter to unmerge", inner.path))),
+            Some(l) => delta(l)?,
+        };
+        if let Base::Frozen { weight, .. } = &mut inner.base {
+            *weight = (&*weight - d)?;
+        }
+        inner.merged = false;
+        Ok(())
+    }
+}
+
+fn delta(l: &LoraWeights) -> candle_core::Result<Tensor> {
+    (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scaling)?.detach().contiguous()
+}
+
+/// `(x·Aᵀ·s)·Bᵀ` over the last dim of `x`; the scaling is applied on the
+/// r-wide intermediate, the cheapest place.
+fn lora_branch(x: &Tensor, l: &LoraWeights) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_f = *dims.last().unwrap_or(&0);
+    let x2 = x.reshape(((), in_f))?;
+    let h = (x2.matmul(&l.a.as_tensor().t()?)? * l.scaling)?;
+    let y = h.matmul(&l.b.as_tensor().t()?)?;
+    let mut out = dims;
+    *out.last_mut().expect("rank >= 1") = y.dim(1)?;
+    y.reshape(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn rand(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    fn layer(r: usize) -> Linear {
+        let w = rand(&[6, 5]);
+        let b = rand(&[6]);
+        let lora = LoraWeights {
+            a: Var::from_tensor(&rand(&[r, 5])).unwrap(),
+            b: Var::from_tensor(&rand(&[6, r])).unwrap(),
+            scaling: 2.0,
+            dropout: 0.0,
+        };
+        Linear::with_lora("m", w, Some(b), lora).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn forward_matches_formula_and_merge_roundtrips() {
+        let l = layer(3);
+        let x = rand(&[2, 4, 5]);
+        let y = l.forward(&x, false).unwrap();
+        let lw = l.lora().unwrap();
+        let w_eff = (l.weight() + (lw.b.as_tensor().matmul(lw.a.as_tensor()).unwrap() * 2.0).unwrap()).unwrap();
+        let expect = ops::linear_reference(&x, &w_eff, l.bias().as_ref()).unwrap();
+        assert!(max_abs(&y, &expect) < 1e-4);
+
+        let w0 = l.weight();
+        l.merge().unwrap();
+        assert!(l.merge().is_err());
+        let ym = l.forward(&x, false).unwrap();
+        assert!(max_abs(&y, &ym) < 1e-4);
+        assert!(l.forward(&x, true).is_err(), "training while merged must fail");
+        l.unmerge().unwrap();
+        assert!(l.unmerge().is_err());
+        assert!(max_abs(&w0, &l.weight()) < 1e-6);
+    }
+
+    #[test]
+    fn gradients_reach_a_and_b_only() {
+        let l = layer(2);
+        let x = rand(&[3, 5]);
+        let y = l.forward(&x, true).unwrap();
+        let g = y.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let lw = l.lora().unwrap();
+        for v in [&lw.a, &lw.b] {
+            let gv = g.get(v.as_tensor()).expect("gradient missing");
+            let n: f32 = gv.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+            assert!(n > 0.0);
+        }
+        assert!(g.get(&l.weight()).is_none());
+    }
+
+    #[test]
+    fn config_validation() {
+        let mut c = LoraConfig { r: 0, ..Default::default() };
+        assert!(c.validate().is_err());
+        c.r = 4;
+        c.dropout = 1.0;
+        assert!(c.validate().is_err());
+        assert!((scaling(16.0, 4, true) - 8.0).abs() < 1e-12);
+        assert!((scaling(16.0, 4, false) - 4.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,420 @@
+//! BERT-family encoder (BERT, MiniLM, ...), matching Hugging Face
+//! `transformers`' `BertModel` and `BertForSequenceClassification`.
+//!
+//! Module paths mirror transformers' module tree (`bert.encoder.layer.0.
+//! attention.self.query`), so adapter keys agree with PEFT's. Checkpoints with
+//! or without the `bert.` prefix load alike. The model never mentions LoRA: it
+//! asks the [`ModelBuilder`] for its linear layers.
+
+use crate::error::{ModelError, Result};
+use candle_core::{DType, Tensor, D};
+use lora_core::{ops, Linear, ModelBuilder};
+use serde::Deserialize;
+use std::path::Path;
+
+fn d_layer_norm_eps() -> f64 {
+    1e-12
+}
+fn d_dropout() -> f64 {
+    0.1
+}
+fn d_act() -> String {
+    "gelu".into()
+}
+fn d_type_vocab() -> usize {
+    2
+}
+fn d_max_pos() -> usize {
+    512
+}
+fn d_pos_type() -> String {
+    "absolute".into()
+}
+fn d_init_range() -> f64 {
+    0.02
+}
+
+/// The fields of transformers' `BertConfig` that the model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "d_act")]
+    pub hidden_act: String,
+    #[serde(default = "d_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "d_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "d_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "d_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "d_pos_type")]
+    pub position_embedding_type: String,
+    #[serde(default = "d_init_range")]
+    pub initializer_range: f64,
+    #[serde(default)]
+    pub classifier_dropout: Option<f64>,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    #[serde(default)]
+    pub architectures: Option<Vec<String>>,
+    #[serde(default)]
+    pub id2label: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl BertConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let c: BertConfig = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| ModelError::Config {
+            path: path.display().to_string(),
+            msg,
+        };
+        if let Some(t) = &self.model_type {
+            let ok = ["bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra"];
+            if t != "bert" && ok.contains(&t.as_str()) {
+                return Err(bad(format!("model_type={t} is not supported yet (only bert)")));
+            }
+            if !ok.contains(&t.as_str()) {
+                return Err(bad(format!("model_type={t} is not a BERT-family encoder")));
+            }
+        }
+        if self.hidden_size == 0 || self.num_attention_heads == 0 {
+            return Err(bad("hidden_size and num_attention_heads must be positive".into()));
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return Err(bad(format!(
+                "hidden_size={} is not divisible by num_attention_heads={}",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Err(bad(format!(
+                "position_embedding_type={} is not supported (only absolute)",
+                self.position_embedding_type
+            )));
+        }
+        Activation::parse(&self.hidden_act).map_err(bad)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    GeluErf,
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "gelu" => Ok(Self::GeluErf),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "relu" => Ok(Self::Relu),
+            other => Err(format!("hidden_act={other} is not supported (gelu, gelu_new, relu)")),
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluErf => ops::gelu_erf(x),
+            Self::GeluTanh => x.gelu(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+    if train && p > 0.0 {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// LayerNorm with frozen parameters (`weight`/`bias`, or old `gamma`/`beta`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: &ModelBuilder, size: usize, eps: f64) -> Result<Self> {
+        let (g, b) = if vb.contains("weight") || !vb.contains("gamma") {
+            ("weight", "bias")
+        } else {
+            ("gamma", "beta")
+        };
+        Ok(Self {
+            gamma: vb.tensor(g, &[size])?,
+            beta: vb.tensor(b, &[size])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        ops::layer_norm(x, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+    dropout: f64,
+}
+
+impl Embeddings {
+    fn load(vb: &ModelBuilder, c: &BertConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        Ok(Self {
+            word: vb.pp("word_embeddings").tensor("weight", &[c.vocab_size, h])?,
+            position: vb.pp("position_embeddings").tensor("weight", &[c.max_position_embeddings, h])?,
+            token_type: vb.pp("token_type_embeddings").tensor("weight", &[c.type_vocab_size, h])?,
+            norm: LayerNorm::load(&vb.pp("LayerNorm"), h, c.layer_norm_eps)?,
+            dropout: c.hidden_dropout_prob,
+        })
+    }
+
+    /// ids, types: (B, T) u32 -> (B, T, H)
+    fn forward(&self, ids: &Tensor, types: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self.word.dim(1)?;
+        let w = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?;
+        let ty = self.token_type.index_select(&types.flatten_all()?, 0)?.reshape((b, t, h))?;
+        let pos = self.position.narrow(0, 0, t)?; // (T, H)
+        let x = (w + ty)?.broadcast_add(&pos)?;
+        dropout(&self.norm.forward(&x)?, self.dropout, train)
+    }
+}
+
+struct SelfAttention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    out: Linear,
+    norm: LayerNorm,
+    heads: usize,
+    attn_dropout: f64,
+    hidden_dropout: f64,
+}
+
+impl SelfAttention {
+    fn load(vb: &ModelBuilder, c: &BertConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let s = vb.pp("self");
+        let o = vb.pp("output");
+        Ok(Self {
+            query: s.pp("query").linear(h, h, true)?,
+            key: s.pp("key").linear(h, h, true)?,
+            value: s.pp("value").linear(h, h, true)?,
+            out: o.pp("dense").linear(h, h, true)?,
+            norm: LayerNorm::load(&o.pp("LayerNorm"), h, c.layer_norm_eps)?,
+            heads: c.num_attention_heads,
+            attn_dropout: c.attention_probs_dropout_prob,
+            hidden_dropout: c.hidden_dropout_prob,
+        })
+    }
+
+    /// x: (B, T, H); mask_bias: (B, 1, 1, T) additive.
+    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let d = h / self.heads;
+        let split = |y: Tensor| -> candle_core::Result<Tensor> {
+            y.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous() // (B, nh, T, d)
+        };
+        let q = split((self.query.forward(x, train)? * (1.0 / (d as f64).sqrt()))?)?;
+        let k = split(self.key.forward(x, train)?)?;
+        let v = split(self.value.forward(x, train)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?; // (B, nh, T, T)
+        let probs = dropout(&ops::softmax_last_dim(&scores)?, self.attn_dropout, train)?;
+        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?; // (B, T, H)
+        let y = dropout(&self.out.forward(&ctx, train)?, self.hidden_dropout, train)?;
+        self.norm.forward(&(y + x)?)
+    }
+}
+
+struct Layer {
+    attention: SelfAttention,
+    intermediate: Linear,
+    output: Linear,
+    norm: LayerNorm,
+    act: Activation,
+    dropout: f64,
+}
+
+impl Layer {
+    fn load(vb: &ModelBuilder, c: &BertConfig) -> Result<Self> {
+        let (h, f) = (c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            attention: SelfAttention::load(&vb.pp("attention"), c)?,
+            intermediate: vb.pp("intermediate").pp("dense").linear(h, f, true)?,
+            output: vb.pp("output").pp("dense").linear(f, h, true)?,
+            norm: LayerNorm::load(&vb.pp("output").pp("LayerNorm"), h, c.layer_norm_eps)?,
+            act: Activation::parse(&c.hidden_act).map_err(|m| ModelError::Config {
+                path: "config.json".into(),
+                msg: m,
+            })?,
+            dropout: c.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let a = self.attention.forward(x, mask_bias, train)?; // (B, T, H)
+        let i = self.act.apply(&self.intermediate.forward(&a, train)?)?; // (B, T, F)
+        let o = dropout(&self.output.forward(&i, train)?, self.dropout, train)?;
+        self.norm.forward(&(o + a)?)
+    }
+}
+
+/// transformers' `BertModel`: embeddings, encoder and (optional) pooler.
+pub struct BertModel {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    pooler: Option<Linear>,
+    pub config: BertConfig,
+}
+
+/// Inputs of one batch: all (B, T), u32 ids, f32 mask of 0/1.
+pub struct BertInput {
+    pub input_ids: Tensor,
+    pub token_type_ids: Tensor,
+    pub attention_mask: Tensor,
+}
+
+impl BertModel {
+    /// `vb` points at the model root (`bert` in a classification model).
+    pub fn load(vb: &ModelBuilder, c: &BertConfig, with_pooler: bool) -> Result<Self> {
+        let embeddings = Embeddings::load(&vb.pp("embeddings"), c)?;
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| Layer::load(&vb.pp("encoder").pp("layer").pp(i), c))
+            .collect::<Result<Vec<_>>>()?;
+        let pooler = if with_pooler {
+            Some(vb.pp("pooler").pp("dense").linear(c.hidden_size, c.hidden_size, true)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            embeddings,
+            layers,
+            pooler,
+            config: c.clone(),
+        })
+    }
+
+    /// Last hidden state (B, T, H).
+    pub fn forward(&self, input: &BertInput, train: bool) -> candle_core::Result<Tensor> {
+        let (_, t) = input.input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence length {t} exceeds max_position_embeddings={}",
+                self.config.max_position_embeddings
+            )
+        }
+        // (B, T) 1/0 -> (B, 1, 1, T) additive bias: 0 or f32::MIN, as transformers.
+        let mask = input.attention_mask.to_dtype(DType::F32)?;
+        let bias = ((1.0 - mask)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mut x = self.embeddings.forward(&input.input_ids, &input.token_type_ids, train)?;
+        for l in &self.layers {
+            x = l.forward(&x, &bias, train)?;
+        }
+        Ok(x)
+    }
+
+    /// `tanh(dense(h[:, 0]))`, transformers' `BertPooler`.
+    pub fn pool(&self, hidden: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?; // (B, H)
+        match &self.pooler {
+            Some(p) => p.forward(&cls, train)?.tanh(),
+            None => candle_core::bail!("this model was loaded without its pooler"),
+        }
+    }
+}
+
+/// How the classifier sees a sentence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// [CLS] → pooler dense + tanh → dropout → classifier (`BertForSequenceClassification`).
+    Pooler,
+    /// Mean over the attention mask → dropout → classifier (sentence-transformers style).
+    Mean,
+}
+
+impl Head {
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "pooler" => Ok(Self::Pooler),
+            "mean" => Ok(Self::Mean),
+            o => Err(format!("--head {o}: expected pooler or mean")),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pooler => "pooler",
+            Self::Mean => "mean",
+        }
+    }
+}
+
+/// `BertForSequenceClassification` (pooler head) or a mean-pooling variant.
+pub struct BertClassifier {
+    pub bert: BertModel,
+    pub classifier: Linear,
+    pub head: Head,
+    dropout: f64,
+}
+
+impl BertClassifier {
+    /// `vb` is the root; the encoder lives under `bert`, the head at `classifier`.
+    pub fn load(vb: &ModelBuilder, c: &BertConfig, num_labels: usize, head: Head) -> Result<Self> {
+        let bert = BertModel::load(&vb.pp("bert"), c, head == Head::Pooler)?;
+        let classifier = vb.pp("classifier").head_linear(c.hidden_size, num_labels, true)?;
+        Ok(Self {
+            bert,
+            classifier,
+            head,
+            dropout: c.classifier_dropout.unwrap_or(c.hidden_dropout_prob),
+        })
+    }
+
+    /// Logits (B, num_labels).
+    pub fn forward(&self, input: &BertInput, train: bool) -> candle_core::Result<Tensor> {
+        let h = self.bert.forward(input, train)?;
+        let pooled = match self.head {
+            Head::Pooler => self.bert.pool(&h, train)?,
+            Head::Mean => {
+                let m = input.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (B, T, 1)
+                let sum = h.broadcast_mul(&m)?.sum(1)?; // (B, H)
+                let n = m.sum(1)?.clamp(1e-9, f64::INFINITY)?; // (B, 1)
+                sum.broadcast_div(&n)?
+            }
+        };
+        self.classifier.forward(&dropout(&pooled, self.dropout, train)?, train)
+    }
+}
+
+/// Mean of `h` over the positions where `mask` is 1: (B, T, H), (B, T) -> (B, H).
+pub fn mean_pool(h: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let m = mask.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
+    h.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?.clamp(1e-9, f64::INFINITY)?)
+}
