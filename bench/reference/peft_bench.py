@@ -22,9 +22,12 @@ Measures (medians of wall-clock times, samples/s = batch / median seconds):
   infer_samples_per_s_base       model.eval() + torch.inference_mode() forward, bare base model
   infer_samples_per_s_unmerged   same with the LoRA adapter attached (not merged)
   infer_samples_per_s_merged     same after merge_and_unload()
-                                 (each: 1 warm-up pass, then the median of --infer-reps passes)
+                                 (1 warm-up round, then --infer-reps rounds; each round runs
+                                 the three variants in turn, so load drift hits all alike;
+                                 medians per variant)
   peak_rss_mb                    ru_maxrss of the training process (MB = 2^20 bytes)
-  peak_rss_mb_train / _infer     ru_maxrss of each measuring process
+  peak_rss_mb_train / _infer     ru_maxrss of each measuring process (the infer one holds
+                                 base, adapter and merged copies: 3 x ~90 MB of weights)
 Training and inference run in separate subprocesses (--mode train / --mode infer) so each
 peak RSS is its own; without --mode this script runs both and prints ONE JSON object on
 stdout (progress goes to stderr).
@@ -110,34 +113,35 @@ def mode_train(args):
             "peak_rss_mb_train": peak_rss_mb()}
 
 
-def time_infer(model, batch, reps, what):
-    import torch
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(1 + reps):
-            t0 = time.perf_counter()
-            model(**batch)
-            dt = time.perf_counter() - t0
-            if i >= 1:
-                times.append(dt)
-    med = statistics.median(times)
-    log(f"infer {what}: median {med:.3f}s over {reps}")
-    return med
-
-
 def mode_infer(args):
+    import copy
+    import torch
     model, lora, get_peft_model = build(args)
     batch, _ = inputs(args, model.config.vocab_size)
-    t_base = time_infer(model, batch, args.infer_reps, "base")
-    model = get_peft_model(model, lora)  # wraps the same (in-place) base modules
-    t_unmerged = time_infer(model, batch, args.infer_reps, "unmerged")
-    model = model.merge_and_unload()
-    t_merged = time_infer(model, batch, args.infer_reps, "merged")
+    base = copy.deepcopy(model)
+    unmerged = get_peft_model(model, lora)
+    merged = copy.deepcopy(unmerged).merge_and_unload()
+    models = {"base": base, "unmerged": unmerged, "merged": merged}
+    times = {k: [] for k in models}
+    for m in models.values():
+        m.eval()
+    # Round-robin over the three variants so that drift in machine load hits all alike.
+    with torch.inference_mode():
+        for i in range(1 + args.infer_reps):
+            rnd = {}
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(**batch)
+                rnd[name] = time.perf_counter() - t0
+                if i >= 1:
+                    times[name].append(rnd[name])
+            log(f"infer round {i}{' (warm-up)' if i < 1 else ''}: "
+                + " ".join(f"{k} {v:.3f}s" for k, v in rnd.items()))
     b = args.batch
-    return {"infer_samples_per_s_unmerged": b / t_unmerged,
-            "infer_samples_per_s_merged": b / t_merged,
-            "infer_samples_per_s_base": b / t_base,
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"infer_samples_per_s_unmerged": b / med["unmerged"],
+            "infer_samples_per_s_merged": b / med["merged"],
+            "infer_samples_per_s_base": b / med["base"],
             "peak_rss_mb_infer": peak_rss_mb()}
 
 
@@ -163,6 +167,7 @@ def main():
     import torch
     import transformers
     result = {"tool": "pytorch+peft", "torch": torch.__version__,
+              "loadavg_1m_at_start": os.getloadavg()[0], "cpus": os.cpu_count(),
               "transformers": transformers.__version__, "peft": peft.__version__,
               "threads": args.threads, "model": args.model or "random-init MiniLM-L6 shape",
               "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,

@@ -221,7 +221,7 @@ impl Linear {
                 match (&inner.lora, inner.merged) {
                     (Some(l), false) => {
                         let h = if train && l.dropout > 0.0 {
-                            candle_nn::ops::dropout(x, l.dropout)?
+                            ops::dropout(x, l.dropout)?
                         } else {
                             x.clone()
                         };

@@ -400,6 +400,86 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(GeluErf)
 }
 
+// ---------------------------------------------------------------------------
+// Dropout with a counter-based mask: seeded, reproducible, and the backward
+// regenerates the mask from the seed instead of storing it.
+// ---------------------------------------------------------------------------
+
+static DROPOUT_STATE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x5eed);
+
+/// Seeds every following dropout call (the trainer calls it at each step, so a
+/// resumed run draws the same masks).
+pub fn set_dropout_seed(seed: u64) {
+    DROPOUT_STATE.store(splitmix64(seed), std::sync::atomic::Ordering::SeqCst);
+}
+
+#[inline]
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+struct Dropout {
+    seed: u64,
+    /// Keep an element when its 32-bit hash is >= threshold.
+    threshold: u32,
+    scale: f32,
+}
+
+impl Dropout {
+    fn apply(&self, src: &[f32], dst: &mut [f32]) {
+        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).enumerate().for_each(|(c, (d, s))| {
+            let base = (c * 4096) as u64;
+            for i in 0..d.len() {
+                let h = (splitmix64(self.seed ^ (base + i as u64)) >> 32) as u32;
+                d[i] = if h >= self.threshold { s[i] * self.scale } else { 0.0 };
+            }
+        });
+    }
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "dropout")?;
+        let mut dst = vec![0f32; x.len()];
+        self.apply(x, &mut dst);
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = grad.contiguous()?;
+        let mut dx = vec![0f32; g.elem_count()];
+        with_f32(&g, "dropout-bwd", |g| self.apply(g, &mut dx))?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Inverted dropout with probability `p` (training only; callers skip it in eval).
+pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability must be in [0, 1), got {p}")
+    }
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return candle_nn::ops::dropout(x, p);
+    }
+    let seed = splitmix64(DROPOUT_STATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    let op = Dropout {
+        seed,
+        threshold: ((p as f64) * 4294967296.0).min(4294967295.0) as u32,
+        scale: 1.0 / (1.0 - p),
+    };
+    x.contiguous()?.apply_op1(op)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +570,21 @@ mod tests {
     #[test]
     fn gelu_matches_candle() {
         check(gelu_erf, |x| x.gelu_erf(), &[5, 33], 1e-5);
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_backward_uses_same_mask() {
+        let x = Var::from_tensor(&Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
+        set_dropout_seed(7);
+        let a = dropout(x.as_tensor(), 0.25).unwrap();
+        set_dropout_seed(7);
+        let b = dropout(x.as_tensor(), 0.25).unwrap();
+        assert_eq!(max_abs(&a, &b), 0.0);
+        let kept = a.ne(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((kept - 0.75).abs() < 0.03, "kept share {kept}");
+        let g = a.sum_all().unwrap().backward().unwrap();
+        // d(sum(mask*x))/dx = mask, which equals the forward output for x = 1.
+        assert_eq!(max_abs(g.get(&x).unwrap(), &a), 0.0);
     }
 
     #[test]

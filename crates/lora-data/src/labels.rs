@@ -305,7 +305,7 @@ mod tests {
         let lines: Vec<usize> = va.iter().map(|e| e.line).collect();
         assert_eq!(lines, GOLDEN_SPLIT);
     }
-    const GOLDEN_SPLIT: [usize; 4] = [0, 0, 0, 0];
+    const GOLDEN_SPLIT: [usize; 4] = [4, 8, 9, 11];
 
     #[test]
     fn split_edge_cases() {

@@ -160,23 +160,23 @@ impl ClassificationReport {
             .max()
             .unwrap_or(0);
         let mut s = format!(
-            "{:>width$} {:>9} {:>9} {:>9} {:>9}\n\n",
+            "{:>width$}  {:>9} {:>9} {:>9} {:>9}\n\n",
             "", "precision", "recall", "f1-score", "support"
         );
         for m in &self.per_class {
             s += &format!(
-                "{:>width$} {:>9.4} {:>9.4} {:>9.4} {:>9}\n",
+                "{:>width$}  {:>9.4} {:>9.4} {:>9.4} {:>9}\n",
                 m.label, m.precision, m.recall, m.f1, m.support
             );
         }
         s += "\n";
         s += &format!(
-            "{:>width$} {:>9} {:>9} {:>9.4} {:>9}\n",
+            "{:>width$}  {:>9} {:>9} {:>9.4} {:>9}\n",
             "accuracy", "", "", self.accuracy, self.n
         );
         for (name, a) in [("macro avg", &self.macro_avg), ("weighted avg", &self.weighted_avg)] {
             s += &format!(
-                "{:>width$} {:>9.4} {:>9.4} {:>9.4} {:>9}\n",
+                "{:>width$}  {:>9.4} {:>9.4} {:>9.4} {:>9}\n",
                 name, a.precision, a.recall, a.f1, self.n
             );
         }
@@ -277,21 +277,23 @@ mod tests {
         let labels = names(&["negative", "positive"]);
         let r = ClassificationReport::new(&labels, &[0, 0, 0, 1, 1], &[0, 0, 1, 1, 1]).unwrap();
         let t = r.render_table();
-        let expected = "\
-              precision    recall  f1-score   support
-
-    negative    1.0000    0.6667    0.8000         3
-    positive    0.6667    1.0000    0.8000         2
-
-    accuracy                        0.8000         5
-   macro avg    0.8333    0.8333    0.8000         5
-weighted avg    0.8667    0.8000    0.8000         5
-
-confusion matrix (rows: true, columns: predicted)
-true \\ pred  negative  positive
-negative            2         1
-positive            0         2
-";
+        let expected = [
+            "              precision    recall  f1-score   support",
+            "",
+            "    negative     1.0000    0.6667    0.8000         3",
+            "    positive     0.6667    1.0000    0.8000         2",
+            "",
+            "    accuracy                         0.8000         5",
+            "   macro avg     0.8333    0.8333    0.8000         5",
+            "weighted avg     0.8667    0.8000    0.8000         5",
+            "",
+            "confusion matrix (rows: true, columns: predicted)",
+            "true \\ pred  negative  positive",
+            "negative            2         1",
+            "positive            0         2",
+            "",
+        ]
+        .join("\n");
         assert_eq!(t, expected, "\n{t}");
     }
 }

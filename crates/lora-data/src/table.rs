@@ -169,11 +169,40 @@ fn find_column(path: &Path, line: usize, columns: &[String], name: &str) -> Resu
     }
 }
 
-/// The line of a csv-crate error, if it has one.
-fn csv_error(path: &Path, fallback_line: usize, e: &csv::Error) -> DataError {
-    let line = e
-        .position()
-        .map_or(fallback_line, |p| p.line() as usize);
+/// Turns byte offsets into 1-based line numbers, scanning forward only.
+///
+/// The csv crate's own line count is off by one after CRLF line ends, and its
+/// record offset may point at the line end before the record, so the line is
+/// that of the first byte at or after the offset that is not `\r` or `\n`.
+struct LineCounter<'a> {
+    text: &'a [u8],
+    pos: usize,
+    line: usize,
+}
+
+impl<'a> LineCounter<'a> {
+    fn new(text: &'a str) -> Self {
+        LineCounter { text: text.as_bytes(), pos: 0, line: 1 }
+    }
+
+    /// The line of the record starting at byte `offset` (offsets must not
+    /// decrease between calls).
+    fn line_at(&mut self, offset: u64) -> usize {
+        let mut target = (offset as usize).min(self.text.len());
+        while target < self.text.len() && matches!(self.text[target], b'\r' | b'\n') {
+            target += 1;
+        }
+        if target > self.pos {
+            self.line += self.text[self.pos..target].iter().filter(|&&b| b == b'\n').count();
+            self.pos = target;
+        }
+        self.line
+    }
+}
+
+/// A csv-crate error, with the line of its position (or `fallback_line`).
+fn csv_error(path: &Path, lines: &mut LineCounter, fallback_line: usize, e: &csv::Error) -> DataError {
+    let line = e.position().map_or(fallback_line, |p| lines.line_at(p.byte()));
     DataError::Csv {
         path: path.to_path_buf(),
         line,
@@ -194,8 +223,9 @@ fn read_delimited(
         .has_headers(true)
         .flexible(true)
         .from_reader(text.as_bytes());
-    let header = reader.headers().map_err(|e| csv_error(path, 1, &e))?;
-    let header_line = header.position().map_or(1, |p| p.line() as usize);
+    let mut lines = LineCounter::new(text);
+    let header = reader.headers().map_err(|e| csv_error(path, &mut lines, 1, &e))?;
+    let header_line = header.position().map_or(1, |p| lines.line_at(p.byte()));
     let columns: Vec<String> = header.iter().map(|c| c.trim().to_string()).collect();
     let ti = find_column(path, header_line, &columns, text_col)?;
     let li = label_col
@@ -205,8 +235,8 @@ fn read_delimited(
     let mut out = Vec::new();
     let mut last_line = header_line;
     for record in reader.records() {
-        let record = record.map_err(|e| csv_error(path, last_line + 1, &e))?;
-        let line = record.position().map_or(last_line + 1, |p| p.line() as usize);
+        let record = record.map_err(|e| csv_error(path, &mut lines, last_line + 1, &e))?;
+        let line = record.position().map_or(last_line + 1, |p| lines.line_at(p.byte()));
         last_line = line;
         if record.iter().all(|f| f.trim().is_empty()) {
             continue; // a line of blanks only
@@ -335,18 +365,24 @@ fn read_jsonl(
 mod tests {
     use super::*;
 
-    /// Writes `bytes` to a fresh temp file named `name` and returns its path.
+    /// Writes `bytes` to a fresh temp file named `name` (in a directory of
+    /// its own, removed by [`cleanup`]) and returns its path.
     fn tmp(name: &str, bytes: &[u8]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("lora-data-table-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("lora-data-table-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
         std::fs::write(&path, bytes).unwrap();
         path
     }
 
+    fn cleanup(path: &Path) {
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
     fn err(name: &str, bytes: &[u8], label: Option<&str>) -> String {
         let path = tmp(name, bytes);
         let e = read_examples(&path, "text", label, None).unwrap_err().to_string();
+        cleanup(&path);
         assert!(e.contains(name), "{e}");
         assert!(!e.contains('\n'), "{e}");
         e
@@ -383,6 +419,7 @@ mod tests {
         // no label column asked for
         let ex = read_examples(&path, "text", None, None).unwrap();
         assert!(ex.iter().all(|e| e.label.is_none()));
+        cleanup(&path);
     }
 
     #[test]
@@ -391,10 +428,12 @@ mod tests {
         let ex = read_examples(&path, "text", Some("label"), None).unwrap();
         assert_eq!(ex.len(), 2);
         assert_eq!(ex[0].text, "a, b");
+        cleanup(&path);
         // Same bytes, forced to TSV despite a .csv-looking name.
         let path = tmp("really_tabs.dat", b"text\tlabel\nx\ty\n");
         let ex = read_examples(&path, "text", Some("label"), Some(Format::Tsv)).unwrap();
         assert_eq!(ex[0].label.as_deref(), Some("y"));
+        cleanup(&path);
     }
 
     #[test]
@@ -406,6 +445,7 @@ mod tests {
         assert_eq!(labels, ["1", "true", "x"]);
         assert_eq!(ex[1].line, 3);
         assert_eq!(ex[2].text, "3");
+        cleanup(&path);
 
         let e = err("bad.jsonl", b"{\"text\": \"a\", \"label\": 1}\n{\"text\": \"a\", \n", Some("label"));
         assert!(e.contains("line 2") && e.contains("malformed JSON") && e.contains("column"), "{e}");
@@ -427,6 +467,8 @@ mod tests {
         assert!(e.contains("no column 'text'; available columns: sentence, label"), "{e}");
         let e = err("ragged.csv", b"text,label\na,b\nc,d,e\n", Some("label"));
         assert!(e.contains("line 3") && e.contains("3 fields") && e.contains("has 2"), "{e}");
+        let e = err("ragged_crlf.csv", b"text,label\r\na,b\r\n\r\nc,d,e\r\n", Some("label"));
+        assert!(e.contains("line 4") && e.contains("3 fields"), "{e}");
         let e = err("nolabel.csv", b"text,label\na,b\nc,  \n", Some("label"));
         assert!(e.contains("line 3") && e.contains("empty label"), "{e}");
         let e = err("empty.csv", b"", None);

@@ -143,7 +143,7 @@ impl Activation {
 
 fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
     if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
+        ops::dropout(x, p as f32)
     } else {
         Ok(x.clone())
     }

@@ -277,7 +277,11 @@ impl AdapterConfig {
             return unsupported("use_dora", "true".into(), "DoRA");
         }
         if self.fan_in_fan_out {
-            return unsupported("fan_in_fan_out", "true".into(), "Conv1D-style (in, out) weights");
+            return unsupported(
+                "fan_in_fan_out",
+                "true".into(),
+                "Conv1D-style (in, out) weights",
+            );
         }
         if self.bias != Bias::None {
             let b: String = self.bias.clone().into();
@@ -287,10 +291,22 @@ impl AdapterConfig {
             return unsupported("lora_bias", "true".into(), "bias on lora_B");
         }
         for (field, value, reason) in [
-            ("layer_replication", self.layer_replication.as_ref(), "layer replication"),
-            ("megatron_config", self.megatron_config.as_ref(), "Megatron parallel layers"),
+            (
+                "layer_replication",
+                self.layer_replication.as_ref(),
+                "layer replication",
+            ),
+            (
+                "megatron_config",
+                self.megatron_config.as_ref(),
+                "Megatron parallel layers",
+            ),
             ("loftq_config", Some(&self.loftq_config), "LoftQ"),
-            ("trainable_token_indices", self.trainable_token_indices.as_ref(), "trainable tokens"),
+            (
+                "trainable_token_indices",
+                self.trainable_token_indices.as_ref(),
+                "trainable tokens",
+            ),
         ] {
             if let Some(v) = value.filter(|v| truthy(v)) {
                 return unsupported(field, show_value(v), reason);
@@ -314,7 +330,11 @@ impl AdapterConfig {
         for (key, r) in &self.rank_pattern {
             pattern_regex(key).map_err(|why| invalid_err("rank_pattern", show_str(key), &why))?;
             if *r == 0 {
-                return invalid(&format!("rank_pattern[{key:?}]"), "0".into(), "the rank must be at least 1");
+                return invalid(
+                    &format!("rank_pattern[{key:?}]"),
+                    "0".into(),
+                    "the rank must be at least 1",
+                );
             }
         }
         for (key, a) in &self.alpha_pattern {
@@ -326,7 +346,10 @@ impl AdapterConfig {
 
     /// PEFT's `LoraConfig.__post_init__` checks on targets and layer selection.
     fn validate_targets(&self) -> Result<()> {
-        for (field, t) in [("target_modules", &self.target_modules), ("exclude_modules", &self.exclude_modules)] {
+        for (field, t) in [
+            ("target_modules", &self.target_modules),
+            ("exclude_modules", &self.exclude_modules),
+        ] {
             if let Some(TargetModules::Regex(re)) = t {
                 Regex::new(&format!("^(?:{re})$"))
                     .map_err(|e| invalid_err(field, show_str(re), &regex_reason(&e)))?;
@@ -336,13 +359,21 @@ impl AdapterConfig {
         if let Some(l) = &self.layers_to_transform {
             if regex_targets {
                 let v = show_value(&serde_json::to_value(l).unwrap_or(Value::Null));
-                return invalid("layers_to_transform", v, "cannot be used when target_modules is a regex string");
+                return invalid(
+                    "layers_to_transform",
+                    v,
+                    "cannot be used when target_modules is a regex string",
+                );
             }
         }
         if let Some(p) = &self.layers_pattern {
             let v = show_value(&serde_json::to_value(p).unwrap_or(Value::Null));
             if regex_targets {
-                return invalid("layers_pattern", v, "cannot be used when target_modules is a regex string");
+                return invalid(
+                    "layers_pattern",
+                    v,
+                    "cannot be used when target_modules is a regex string",
+                );
             }
             if !p.to_vec().is_empty() && self.layers_to_transform.is_none() {
                 return invalid("layers_pattern", v, "needs layers_to_transform");
@@ -371,7 +402,11 @@ fn check_alpha(field: &str, a: f64) -> Result<()> {
     if a.is_finite() && a > 0.0 {
         Ok(())
     } else {
-        let v = if a.is_finite() { show_value(&num_value(a)) } else { py_float_repr(a) };
+        let v = if a.is_finite() {
+            show_value(&num_value(a))
+        } else {
+            py_float_repr(a)
+        };
         invalid(field, v, "must be a finite number > 0")
     }
 }
@@ -384,8 +419,17 @@ fn pattern_regex(key: &str) -> std::result::Result<Regex, String> {
 
 fn regex_reason(e: &regex::Error) -> String {
     // regex's syntax errors are multi-line drawings; their last line says why.
-    let last = e.to_string().lines().rev().find(|l| !l.trim().is_empty()).map(str::trim).map(String::from);
-    format!("not a valid regular expression: {}", last.unwrap_or_default())
+    let last = e
+        .to_string()
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .map(String::from);
+    format!(
+        "not a valid regular expression: {}",
+        last.unwrap_or_default()
+    )
 }
 
 fn pattern_value<V: Copy>(map: &BTreeMap<String, V>, module_path: &str) -> Option<V> {

@@ -13,7 +13,7 @@
 
 use crate::config::AdapterConfig;
 use crate::error::{first_line, PeftError, Result};
-use crate::keys::{classify_key, AdapterKey, LoraPart};
+use crate::keys::{classify_key, LoraPart};
 use candle_core::{DType, Device, Tensor};
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorView};
 use std::collections::{BTreeMap, HashMap};
@@ -51,8 +51,12 @@ impl LoadedAdapter {
 
     /// `(A, B)` for `module_path`: A is (r, in_features), B is (out_features, r).
     pub fn lora_pair(&self, module_path: &str) -> Option<(&Tensor, &Tensor)> {
-        let a = self.tensors.get(&crate::keys::lora_key(module_path, LoraPart::A))?;
-        let b = self.tensors.get(&crate::keys::lora_key(module_path, LoraPart::B))?;
+        let a = self
+            .tensors
+            .get(&crate::keys::lora_key(module_path, LoraPart::A))?;
+        let b = self
+            .tensors
+            .get(&crate::keys::lora_key(module_path, LoraPart::B))?;
         Some((a, b))
     }
 
@@ -76,9 +80,16 @@ impl LoadedAdapter {
 /// Read and parse `adapter_config.json` (a file, or a directory holding it).
 /// Does not validate, so `inspect` can show configs we would refuse.
 pub fn read_config(path: &Path) -> Result<AdapterConfig> {
-    let file = if path.is_dir() { path.join(CONFIG_NAME) } else { path.to_path_buf() };
+    let file = if path.is_dir() {
+        path.join(CONFIG_NAME)
+    } else {
+        path.to_path_buf()
+    };
     if !file.is_file() {
-        return Err(PeftError::NotFound { path: file, what: "adapter config" });
+        return Err(PeftError::NotFound {
+            path: file,
+            what: "adapter config",
+        });
     }
     let text = fs::read_to_string(&file).map_err(|e| io_err(&file, e))?;
     serde_json::from_str(&text).map_err(|e| PeftError::Json {
@@ -97,7 +108,10 @@ pub fn read_config(path: &Path) -> Result<AdapterConfig> {
 /// f16/bf16/f64 tensors are converted to f32.
 pub fn load_adapter(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
     if !dir.is_dir() {
-        return Err(PeftError::NotFound { path: dir.to_path_buf(), what: "adapter directory" });
+        return Err(PeftError::NotFound {
+            path: dir.to_path_buf(),
+            what: "adapter directory",
+        });
     }
     let config = read_config(dir)?;
     config.validate()?;
@@ -110,12 +124,18 @@ pub fn load_adapter(dir: &Path, device: &Device) -> Result<LoadedAdapter> {
                 msg: "pickle weights are not read; re-save with safe_serialization=True".into(),
             });
         }
-        return Err(PeftError::NotFound { path: weights, what: "adapter weights" });
+        return Err(PeftError::NotFound {
+            path: weights,
+            what: "adapter weights",
+        });
     }
     let bytes = fs::read(&weights).map_err(|e| io_err(&weights, e))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| PeftError::Safetensors {
         path: weights.clone(),
-        msg: format!("not a valid safetensors file ({})", first_line(&e.to_string())),
+        msg: format!(
+            "not a valid safetensors file ({})",
+            first_line(&e.to_string())
+        ),
     })?;
 
     let modules_to_save = config.modules_to_save.clone().unwrap_or_default();
@@ -177,7 +197,11 @@ fn check_pairs(adapter: &LoadedAdapter) -> Result<()> {
     for (path, have) in parts {
         for part in [LoraPart::A, LoraPart::B] {
             if !have.contains(&part) {
-                let other = if part == LoraPart::A { LoraPart::B } else { LoraPart::A };
+                let other = if part == LoraPart::A {
+                    LoraPart::B
+                } else {
+                    LoraPart::A
+                };
                 return Err(PeftError::Tensor {
                     key: crate::keys::lora_key(&path, other),
                     msg: format!("has no partner {}", crate::keys::lora_key(&path, part)),
@@ -273,16 +297,26 @@ fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
             .to_dtype(DType::F32)
             .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| PeftError::Tensor { key: name.clone(), msg: first_line(&e.to_string()) })?;
+            .map_err(|e| PeftError::Tensor {
+                key: name.clone(),
+                msg: first_line(&e.to_string()),
+            })?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let entry = F32Data { shape: t.dims().to_vec(), bytes };
+        let entry = F32Data {
+            shape: t.dims().to_vec(),
+            bytes,
+        };
         if data.insert(name.as_str(), entry).is_some() {
             return Err(PeftError::Save(format!("tensor {name} is given twice")));
         }
     }
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize(data.iter().map(|(k, v)| (*k, v)), Some(metadata))
-        .map_err(|e| PeftError::Save(format!("serializing safetensors: {}", first_line(&e.to_string()))))
+    safetensors::serialize(data.iter().map(|(k, v)| (*k, v)), Some(metadata)).map_err(|e| {
+        PeftError::Save(format!(
+            "serializing safetensors: {}",
+            first_line(&e.to_string())
+        ))
+    })
 }
 
 /// Write `bytes` to `path` atomically: a temp file in the same directory,
@@ -292,7 +326,10 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // Unique per process and call, so concurrent writers never share a temp file.
     static SEQ: AtomicUsize = AtomicUsize::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
@@ -317,5 +354,8 @@ pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> PeftError {
-    PeftError::Io { path: path.to_path_buf(), msg: first_line(&e.to_string()) }
+    PeftError::Io {
+        path: path.to_path_buf(),
+        msg: first_line(&e.to_string()),
+    }
 }

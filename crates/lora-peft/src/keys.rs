@@ -81,7 +81,11 @@ pub fn parse_saved_module_key(key: &str, modules_to_save: &[String]) -> Option<(
     let rest = key.strip_prefix(KEY_PREFIX)?;
     for (i, _) in rest.match_indices('.') {
         let (module, param) = (&rest[..i], &rest[i + 1..]);
-        if !param.is_empty() && modules_to_save.iter().any(|m| !m.is_empty() && module.ends_with(m.as_str())) {
+        if !param.is_empty()
+            && modules_to_save
+                .iter()
+                .any(|m| !m.is_empty() && module.ends_with(m.as_str()))
+        {
             return Some((module.to_string(), param.to_string()));
         }
     }
@@ -122,7 +126,10 @@ pub fn classify_key(key: &str, modules_to_save: &[String]) -> Result<AdapterKey>
         return Ok(AdapterKey::Lora { module_path, part });
     }
     let segments: Vec<&str> = key.split('.').collect();
-    if segments.iter().any(|s| *s == "lora_embedding_A" || *s == "lora_embedding_B") {
+    if segments
+        .iter()
+        .any(|s| *s == "lora_embedding_A" || *s == "lora_embedding_B")
+    {
         return refuse("LoRA on an embedding layer (lora_embedding_A/B) is not supported");
     }
     if segments.contains(&"lora_magnitude_vector") {
@@ -148,19 +155,29 @@ mod tests {
     fn lora_keys_round_trip() {
         let p = "bert.encoder.layer.0.attention.self.query";
         let a = lora_key(p, LoraPart::A);
-        assert_eq!(a, "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight");
+        assert_eq!(
+            a,
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+        );
         assert_eq!(parse_lora_key(&a), Some((p.to_string(), LoraPart::A)));
-        let named = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight";
+        let named =
+            "base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight";
         assert_eq!(parse_lora_key(named), Some((p.to_string(), LoraPart::B)));
         assert_eq!(parse_lora_key("base_model.model.lora_A.weight"), None);
         assert_eq!(parse_lora_key("model.q.lora_A.weight"), None);
-        assert_eq!(parse_lora_key("base_model.model.emb.lora_embedding_A"), None);
+        assert_eq!(
+            parse_lora_key("base_model.model.emb.lora_embedding_A"),
+            None
+        );
     }
 
     #[test]
     fn saved_module_keys() {
         let m = vec!["classifier".to_string(), "score".to_string()];
-        assert_eq!(saved_module_key("classifier", "weight"), "base_model.model.classifier.weight");
+        assert_eq!(
+            saved_module_key("classifier", "weight"),
+            "base_model.model.classifier.weight"
+        );
         assert_eq!(
             parse_saved_module_key("base_model.model.classifier.weight", &m),
             Some(("classifier".into(), "weight".into()))
@@ -170,7 +187,10 @@ mod tests {
             parse_saved_module_key("base_model.model.classifier.out_proj.bias", &m),
             Some(("classifier".into(), "out_proj.bias".into()))
         );
-        assert_eq!(parse_saved_module_key("base_model.model.bert.pooler.dense.weight", &m), None);
+        assert_eq!(
+            parse_saved_module_key("base_model.model.bert.pooler.dense.weight", &m),
+            None
+        );
     }
 
     #[test]

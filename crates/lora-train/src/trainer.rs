@@ -1,0 +1,276 @@
+//! One training loop for every task: gradient accumulation, clipping, AdamW,
+//! warmup + decay, periodic evaluation, best-checkpoint tracking, early
+//! stopping, NaN guard, Ctrl-C checkpointing and exact resume.
+
+use crate::checkpoint::{self, TrainState};
+use crate::error::{Result, TrainError};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::schedule::Schedule;
+use candle_core::Tensor;
+use lora_core::NamedVar;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (overrides epochs when smaller).
+    pub max_steps: Option<usize>,
+    pub lr: f64,
+    pub schedule: Schedule,
+    /// Share of the total steps spent warming up linearly from 0.
+    pub warmup_ratio: f64,
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm clip (0 disables).
+    pub max_grad_norm: f64,
+    pub grad_accum: usize,
+    /// Evaluate every N optimizer steps; `None`: at the end of every epoch.
+    pub eval_every: Option<usize>,
+    pub log_every: usize,
+    /// Metric that picks the best checkpoint (a key of `Task::evaluate`).
+    pub metric: String,
+    pub greater_is_better: bool,
+    /// Stop after this many evaluations without improvement.
+    pub patience: Option<usize>,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 3,
+            max_steps: None,
+            lr: 5e-4,
+            schedule: Schedule::Linear,
+            warmup_ratio: 0.06,
+            adamw: AdamWConfig::default(),
+            max_grad_norm: 1.0,
+            grad_accum: 1,
+            eval_every: None,
+            log_every: 10,
+            metric: "macro_f1".into(),
+            greater_is_better: true,
+            patience: None,
+            seed: 0,
+        }
+    }
+}
+
+/// What the loop needs from a task.
+pub trait Task {
+    type Batch;
+    /// The micro-batches of one epoch, in order; must be deterministic per epoch.
+    fn epoch_batches(&self, epoch: usize) -> Vec<Self::Batch>;
+    /// Number of examples in a batch.
+    fn samples(&self, batch: &Self::Batch) -> usize;
+    /// Mean loss of the batch in training mode (a scalar).
+    fn loss(&self, batch: &Self::Batch) -> candle_core::Result<Tensor>;
+    /// Validation metrics (eval mode), e.g. `loss`, `accuracy`, `macro_f1`.
+    fn evaluate(&self) -> Result<BTreeMap<String, f64>>;
+}
+
+/// One optimizer step, as logged.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepRecord {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub samples_per_s: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EvalRecord {
+    pub step: usize,
+    pub epoch: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Callbacks from the loop to whoever runs it (progress bar, files).
+pub trait Hooks {
+    fn on_start(&mut self, _state: &TrainState) {}
+    /// Every optimizer step (`logged` is true every `log_every` steps).
+    fn on_step(&mut self, _rec: &StepRecord, _logged: bool) {}
+    /// After an evaluation; `improved` when this is the new best (save it then).
+    fn on_eval(&mut self, _rec: &EvalRecord, _improved: bool) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    EarlyStopped,
+    Interrupted,
+}
+
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub opt: AdamW,
+    pub state: TrainState,
+    pub checkpoint_dir: PathBuf,
+}
+
+impl Trainer {
+    pub fn new(vars: Vec<NamedVar>, cfg: TrainConfig, checkpoint_dir: PathBuf) -> Self {
+        let opt = AdamW::new(vars, cfg.adamw.clone());
+        Self {
+            cfg,
+            opt,
+            state: TrainState::default(),
+            checkpoint_dir,
+        }
+    }
+
+    /// Restores a checkpoint written by an earlier (interrupted) run.
+    pub fn resume(&mut self) -> Result<()> {
+        self.state = checkpoint::load(&self.checkpoint_dir, &mut self.opt)?;
+        Ok(())
+    }
+
+    pub fn save_checkpoint(&self) -> Result<()> {
+        checkpoint::save(&self.checkpoint_dir, &self.opt, &self.state)
+    }
+
+    fn total_steps(&self, batches_per_epoch: usize) -> usize {
+        let per_epoch = batches_per_epoch.div_ceil(self.cfg.grad_accum.max(1));
+        let t = per_epoch * self.cfg.epochs;
+        self.cfg.max_steps.map_or(t, |m| m.min(t))
+    }
+
+    fn evaluate<T: Task>(&mut self, task: &T, hooks: &mut dyn Hooks, epoch: f64) -> Result<bool> {
+        let metrics = task.evaluate()?;
+        let value = *metrics.get(&self.cfg.metric).ok_or_else(|| {
+            TrainError::Task(format!(
+                "metric '{}' is not reported by this task (available: {})",
+                self.cfg.metric,
+                metrics.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let improved = match self.state.best_metric {
+            None => true,
+            Some(b) if self.cfg.greater_is_better => value > b,
+            Some(b) => value < b,
+        };
+        if improved {
+            self.state.best_metric = Some(value);
+            self.state.best_step = Some(self.state.step);
+            self.state.evals_since_best = 0;
+        } else {
+            self.state.evals_since_best += 1;
+        }
+        let rec = EvalRecord {
+            step: self.state.step,
+            epoch,
+            metrics,
+        };
+        hooks.on_eval(&rec, improved)?;
+        self.save_checkpoint()?;
+        Ok(self.cfg.patience.is_some_and(|p| self.state.evals_since_best >= p))
+    }
+
+    /// Runs (or continues) training until done, early-stopped or interrupted.
+    pub fn fit<T: Task>(&mut self, task: &T, hooks: &mut dyn Hooks, stop: &AtomicBool) -> Result<Outcome> {
+        let accum = self.cfg.grad_accum.max(1);
+        let n_batches = task.epoch_batches(0).len();
+        if n_batches == 0 {
+            return Err(TrainError::Task("no training batches".into()));
+        }
+        self.state.total_steps = self.total_steps(n_batches);
+        let total = self.state.total_steps;
+        let warmup = (self.cfg.warmup_ratio * total as f64).ceil() as usize;
+        hooks.on_start(&self.state);
+        let mut window_samples = 0usize;
+        let mut window_start = Instant::now();
+        while self.state.epoch < self.cfg.epochs && self.state.step < total && !self.state.finished {
+            let batches = task.epoch_batches(self.state.epoch);
+            while self.state.batch_in_epoch < batches.len() && self.state.step < total {
+                let start = self.state.batch_in_epoch;
+                let group = &batches[start..(start + accum).min(batches.len())];
+                lora_core::ops::set_dropout_seed(self.cfg.seed.wrapping_mul(1_000_003) ^ self.state.step as u64);
+                let mut grads: Vec<Vec<f32>> =
+                    self.opt.params.iter().map(|p| vec![0f32; p.var.elem_count()]).collect();
+                let mut loss_sum = 0f64;
+                let mut samples = 0usize;
+                for b in group {
+                    let loss = task.loss(b)?;
+                    let lv = loss.to_scalar::<f32>()?;
+                    if !lv.is_finite() {
+                        return Err(TrainError::NonFinite { step: self.state.step, value: lv });
+                    }
+                    loss_sum += lv as f64;
+                    samples += task.samples(b);
+                    let gs = (loss / group.len() as f64)?.backward()?;
+                    for (p, acc) in self.opt.params.iter().zip(grads.iter_mut()) {
+                        if let Some(g) = gs.get(p.var.as_tensor()) {
+                            let g = g.flatten_all()?.to_vec1::<f32>()?;
+                            acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                        }
+                    }
+                }
+                if grads.iter().flatten().any(|g| !g.is_finite()) {
+                    return Err(TrainError::NonFinite { step: self.state.step, value: f32::NAN });
+                }
+                let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm);
+                let lr = self.cfg.schedule.lr(self.cfg.lr, self.state.step, warmup, total);
+                self.opt.step(&grads, lr)?;
+                self.state.step += 1;
+                self.state.batch_in_epoch += group.len();
+                self.state.samples_seen += samples;
+                window_samples += samples;
+                let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+                let epoch_f = self.state.epoch as f64 + self.state.batch_in_epoch as f64 / batches.len() as f64;
+                let logged = self.state.step % self.cfg.log_every.max(1) == 0 || self.state.step == total;
+                hooks.on_step(
+                    &StepRecord {
+                        step: self.state.step,
+                        total_steps: total,
+                        epoch: epoch_f,
+                        loss: loss_sum / group.len() as f64,
+                        lr,
+                        grad_norm,
+                        samples_per_s: window_samples as f64 / elapsed,
+                    },
+                    logged,
+                );
+                if logged {
+                    window_samples = 0;
+                    window_start = Instant::now();
+                }
+                if let Some(every) = self.cfg.eval_every {
+                    if self.state.step % every == 0 && self.evaluate(task, hooks, epoch_f)? {
+                        self.state.finished = true;
+                        self.save_checkpoint()?;
+                        return Ok(Outcome::EarlyStopped);
+                    }
+                }
+                if stop.load(Ordering::SeqCst) {
+                    self.save_checkpoint()?;
+                    return Ok(Outcome::Interrupted);
+                }
+            }
+            let at_epoch_end = self.state.batch_in_epoch >= batches.len();
+            if at_epoch_end {
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+            }
+            let step_eval_done = self.cfg.eval_every.is_some_and(|e| self.state.step % e == 0);
+            if at_epoch_end && self.cfg.eval_every.is_none() || (self.state.step >= total && !step_eval_done) {
+                if self.evaluate(task, hooks, self.state.epoch as f64)? {
+                    self.state.finished = true;
+                    self.save_checkpoint()?;
+                    return Ok(Outcome::EarlyStopped);
+                }
+            } else {
+                self.save_checkpoint()?;
+            }
+        }
+        self.state.finished = true;
+        self.save_checkpoint()?;
+        Ok(Outcome::Finished)
+    }
+}
