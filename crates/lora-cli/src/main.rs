@@ -1,1 +1,106 @@
-fn main() {}
+//! `lora`: fine-tune, evaluate, merge and inspect LoRA adapters.
+
+mod bench;
+mod cmd_classify;
+mod cmd_inspect;
+mod cmd_merge;
+mod ui;
+
+use clap::{Parser, Subcommand};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "lora",
+    version,
+    about = "Fine-tune transformers with LoRA adapters, evaluate, merge and inspect them.",
+    long_about = "Fine-tune transformers with LoRA (low-rank adaptation) from one binary.\n\n\
+A LoRA adapter keeps the pretrained weight W frozen and learns a low-rank update B·A \
+(rank r, scaled by alpha/r), so training touches well under 1% of the parameters. \
+Adapters are written in Hugging Face PEFT's format (adapter_config.json + \
+adapter_model.safetensors) and load in PEFT unchanged, and PEFT adapters load here.\n\n\
+Typical session:\n  \
+lora train --task classify --model MODEL_DIR --train train.csv --out runs/sst\n  \
+lora eval --model MODEL_DIR --adapter runs/sst --data test.csv\n  \
+lora predict --model MODEL_DIR --adapter runs/sst --data new.csv --out preds.jsonl\n  \
+lora merge --model MODEL_DIR --adapter runs/sst --out merged/\n  \
+lora inspect runs/sst"
+)]
+struct Cli {
+    /// Worker threads for the numeric kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a LoRA adapter (text classification).
+    Train(Box<cmd_classify::TrainArgs>),
+    /// Evaluate an adapter on labelled data: accuracy, per-class P/R/F1, confusion matrix.
+    Eval(cmd_classify::EvalArgs),
+    /// Predict labels for a data file; writes JSONL with label, probs and logits.
+    Predict(cmd_classify::PredictArgs),
+    /// Fold an adapter into the base weights and write a full model folder.
+    Merge(cmd_merge::MergeArgs),
+    /// Show what a model or adapter folder holds.
+    Inspect(cmd_inspect::InspectArgs),
+    /// Fixed-shape training and inference benchmark (MiniLM shape by default).
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            eprintln!("error: --threads must be at least 1");
+            std::process::exit(2);
+        }
+        let _ = rayon_pool(n);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("\nsecond interrupt: exiting without saving");
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing the current step and saving a checkpoint (Ctrl-C again to abort)");
+        });
+    }
+    let res = match cli.cmd {
+        Cmd::Train(a) => cmd_classify::train(*a, &stop),
+        Cmd::Eval(a) => cmd_classify::eval(a),
+        Cmd::Predict(a) => cmd_classify::predict(a),
+        Cmd::Merge(a) => cmd_merge::merge(a),
+        Cmd::Inspect(a) => cmd_inspect::inspect(a),
+        Cmd::Bench(a) => bench::run(a),
+    };
+    match res {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // One line: the outermost context and its cause, no backtrace.
+            let msg = e
+                .chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ")
+                .replace('\n', " ");
+            eprintln!("error: {msg}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn rayon_pool(n: usize) -> Result<(), String> {
+    // candle reads RAYON_NUM_THREADS for its own sizing; set both.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    lora_core::ops::set_threads(n);
+    Ok(())
+}

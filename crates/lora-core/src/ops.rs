@@ -32,6 +32,11 @@ fn with_f32<T>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -> T) -> Res
     }
 }
 
+/// Sets the worker threads of every kernel (rayon's global pool); call once, early.
+pub fn set_threads(n: usize) {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}
+
 fn threads() -> gemm::Parallelism {
     let n = candle_core::utils::get_num_threads();
     if n > 1 {

@@ -68,6 +68,9 @@ pub struct BertConfig {
     pub architectures: Option<Vec<String>>,
     #[serde(default)]
     pub id2label: Option<std::collections::BTreeMap<String, String>>,
+    /// Written by `lora merge` for a mean-pooling head (transformers ignores it).
+    #[serde(default)]
+    pub lora_head: Option<String>,
 }
 
 impl BertConfig {

@@ -176,7 +176,11 @@ pub fn build_classifier(model_dir: &Path, source: AdapterSource, device: &Device
                     model_dir.display()
                 )));
             }
-            (default_labels(&config, n), Head::Pooler, None)
+            let head = match &config.lora_head {
+                Some(h) => Head::parse(h).map_err(TaskError::Input)?,
+                None => Head::Pooler,
+            };
+            (default_labels(&config, n), head, None)
         }
     };
     let model = BertClassifier::load(&vb, &config, labels.len(), head)?;
