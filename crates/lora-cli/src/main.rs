@@ -54,7 +54,20 @@ enum Cmd {
     Bench(bench::BenchArgs),
 }
 
+/// Keep freed memory mapped: training allocates and frees the same large
+/// buffers every step, and returning them to the OS costs page faults
+/// (CANDLE_NOTES.md: half the CPU time with a default allocator).
+fn tune_allocator() {
+    // mimalloc v3 option ids (mimalloc.h): 4 = arena_eager_commit, 15 = purge_delay.
+    // SAFETY: plain option setters, called before any other thread exists.
+    unsafe {
+        libmimalloc_sys::mi_option_set(15, -1);
+        libmimalloc_sys::mi_option_set(4, 1);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         if n == 0 {
