@@ -26,6 +26,11 @@ Measures (medians of wall-clock times, samples/s = batch / median seconds):
                                  the three variants in turn, so load drift hits all alike;
                                  medians per variant)
   peak_rss_mb                    ru_maxrss of the training process (MB = 2^20 bytes)
+  *_cpu_s_median                 process CPU seconds (all threads) per step / pass. A contention
+                                 indicator: on an idle machine CPU s ~ threads x wall s; when
+                                 other processes compete for the cores, wall time inflates a lot
+                                 (threads wait on each other) and CPU s approaches wall s.
+                                 Benchmark on an otherwise idle machine.
   peak_rss_mb_train / _infer     ru_maxrss of each measuring process (the infer one holds
                                  base, adapter and merged copies: 3 x ~90 MB of weights)
 Training and inference run in separate subprocesses (--mode train / --mode infer) so each
@@ -94,20 +99,22 @@ def mode_train(args):
     batch, labels = inputs(args, model.config.vocab_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     model.train()
-    times = []
+    times, cpu = [], []
     for step in range(2 + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = model(**batch, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if step >= 2:
             times.append(dt)
+            cpu.append(dc)
         log(f"train step {step}{' (warm-up)' if step < 2 else ''}: {dt:.3f}s "
-            f"loss {out.loss.item():.4f}")
+            f"(cpu {dc:.3f}s) loss {out.loss.item():.4f}")
     med = statistics.median(times)
     return {"train_step_s_median": med, "train_samples_per_s": args.batch / med,
+            "train_step_cpu_s_median": statistics.median(cpu),
             "trainable_params": trainable, "total_params": total,
             "attn_implementation": model.config._attn_implementation,
             "peak_rss_mb_train": peak_rss_mb()}
@@ -123,6 +130,7 @@ def mode_infer(args):
     merged = copy.deepcopy(unmerged).merge_and_unload()
     models = {"base": base, "unmerged": unmerged, "merged": merged}
     times = {k: [] for k in models}
+    cpu = {k: [] for k in models}
     for m in models.values():
         m.eval()
     # Round-robin over the three variants so that drift in machine load hits all alike.
@@ -130,11 +138,12 @@ def mode_infer(args):
         for i in range(1 + args.infer_reps):
             rnd = {}
             for name, m in models.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 m(**batch)
                 rnd[name] = time.perf_counter() - t0
                 if i >= 1:
                     times[name].append(rnd[name])
+                    cpu[name].append(time.process_time() - c0)
             log(f"infer round {i}{' (warm-up)' if i < 1 else ''}: "
                 + " ".join(f"{k} {v:.3f}s" for k, v in rnd.items()))
     b = args.batch
@@ -142,6 +151,7 @@ def mode_infer(args):
     return {"infer_samples_per_s_unmerged": b / med["unmerged"],
             "infer_samples_per_s_merged": b / med["merged"],
             "infer_samples_per_s_base": b / med["base"],
+            **{f"infer_cpu_s_median_{k}": statistics.median(v) for k, v in cpu.items()},
             "peak_rss_mb_infer": peak_rss_mb()}
 
 

@@ -211,7 +211,7 @@ pub fn save_classifier(dir: &Path, clf: &Classifier, meta: &TaskMeta) -> Result<
     let mut c = AdapterConfig::new(plan.config.r, plan.config.alpha, names);
     c.task_type = Some(TaskType::SeqCls);
     c.base_model_name_or_path = Some(meta.base_model.clone());
-    c.lora_dropout = plan.config.dropout as f64;
+    c.lora_dropout = (plan.config.dropout as f64 * 1e6).round() / 1e6;
     c.use_rslora = plan.config.use_rslora;
     c.modules_to_save = Some(vec!["classifier".into()]);
     c.inference_mode = true;

@@ -1,0 +1,137 @@
+//! Adapters saved by PEFT load here and give PEFT's logits.
+//!
+//! Fixtures: `tests/fixtures/tiny-bert-peft/` written by `make_peft_adapter.py`
+//! beside them (PEFT 0.21, transformers, float32, eval mode) on the tiny random
+//! BERT of `tests/fixtures/tiny-bert/`. Tolerance: 1e-4 max-abs on logits.
+//! Also: every LoRA tensor and the head receive gradients through the whole
+//! model, frozen weights never change, and merge/unmerge round-trips.
+
+use candle_core::{DType, Device, Tensor};
+use lora_core::{AdapterPlan, LoraConfig, TargetSpec};
+use lora_models::{BertInput, Head};
+use lora_tasks::classify::adapter::{build_classifier, save_classifier, AdapterSource, TaskMeta};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fx() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fx().join("tiny-bert-peft/expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn input(e: &HashMap<String, Tensor>) -> BertInput {
+    BertInput {
+        input_ids: e["input_ids"].to_dtype(DType::U32).unwrap(),
+        token_type_ids: e["token_type_ids"].to_dtype(DType::U32).unwrap(),
+        attention_mask: e["attention_mask"].to_dtype(DType::F32).unwrap(),
+    }
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn check_adapter(name: &str, key: &str, merged_key: &str) {
+    let e = expected();
+    let model = fx().join("tiny-bert/model");
+    let dir = fx().join("tiny-bert-peft").join(name);
+    let clf = build_classifier(&model, AdapterSource::Saved(&dir), &Device::Cpu).unwrap();
+    assert_eq!(clf.labels, vec!["neg", "neu", "pos"]);
+    let inp = input(&e);
+    let logits = clf.model.forward(&inp, false).unwrap();
+    let d = max_abs(&logits, &e[key]);
+    assert!(d < 1e-4, "{name}: logits differ from PEFT by {d}");
+    // Merged: same logits as PEFT's merge_and_unload, and unmerge restores.
+    let w0: Vec<Tensor> = clf.adapters.lora_layers.iter().map(|l| l.weight()).collect();
+    clf.adapters.merge_all().unwrap();
+    let m = clf.model.forward(&inp, false).unwrap();
+    assert!(max_abs(&m, &e[merged_key]) < 1e-4, "{name}: merged logits differ");
+    clf.adapters.unmerge_all().unwrap();
+    for (l, w) in clf.adapters.lora_layers.iter().zip(w0) {
+        assert!(max_abs(&l.weight(), &w) < 1e-6, "unmerge did not restore {}", l.path());
+    }
+}
+
+#[test]
+fn peft_adapter_gives_peft_logits() {
+    check_adapter("adapter", "logits", "logits_merged");
+}
+
+#[test]
+fn peft_rslora_adapter_on_key_and_dense_gives_peft_logits() {
+    check_adapter("adapter_rslora", "logits_rslora", "logits_rslora_merged");
+}
+
+#[test]
+fn save_then_load_round_trips() {
+    let e = expected();
+    let model = fx().join("tiny-bert/model");
+    let src = fx().join("tiny-bert-peft/adapter");
+    let clf = build_classifier(&model, AdapterSource::Saved(&src), &Device::Cpu).unwrap();
+    let out = std::env::temp_dir().join(format!("lora-rt-{}", std::process::id()));
+    let meta = TaskMeta {
+        task: "classify".into(),
+        head: "pooler".into(),
+        labels: clf.labels.clone(),
+        max_len: 32,
+        text_column: "text".into(),
+        label_column: "label".into(),
+        base_model: model.display().to_string(),
+        tool: "test".into(),
+    };
+    save_classifier(&out, &clf, &meta).unwrap();
+    let again = build_classifier(&model, AdapterSource::Saved(&out), &Device::Cpu).unwrap();
+    let inp = input(&e);
+    let a = clf.model.forward(&inp, false).unwrap();
+    let b = again.model.forward(&inp, false).unwrap();
+    assert_eq!(max_abs(&a, &b), 0.0);
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn gradients_reach_every_adapter_tensor_and_frozen_weights_stay() {
+    let e = expected();
+    let model = fx().join("tiny-bert/model");
+    for targets in ["query,value", "all-linear"] {
+        let plan = AdapterPlan::new(
+            LoraConfig { r: 4, alpha: 8.0, dropout: 0.1, ..Default::default() },
+            TargetSpec::parse(targets).unwrap(),
+            0,
+        );
+        let clf = build_classifier(
+            &model,
+            AdapterSource::New { plan, labels: vec!["a".into(), "b".into(), "c".into()], head: Head::Pooler },
+            &Device::Cpu,
+        )
+        .unwrap();
+        let frozen: Vec<(String, Tensor)> =
+            clf.adapters.lora_layers.iter().map(|l| (l.path(), l.weight().copy().unwrap())).collect();
+        let vars = clf.adapters.trainable();
+        let expected_layers = if targets == "all-linear" { 2 * 6 + 1 } else { 4 };
+        assert_eq!(clf.adapters.lora_layers.len(), expected_layers, "{targets}");
+        let mut opt = lora_train::AdamW::new(vars.clone(), Default::default());
+        let labels = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
+        for step in 0..2 {
+            let logits = clf.model.forward(&input(&e), true).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
+            let g = loss.backward().unwrap();
+            let mut grads = vec![];
+            for v in &vars {
+                let gv = g.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", v.name));
+                let n: f32 = gv.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                // lora_A's gradient is zero at step 0 because B starts at zero.
+                if !(step == 0 && v.name.ends_with("lora_A.weight")) {
+                    assert!(n > 0.0, "zero gradient for {} at step {step}", v.name);
+                }
+                grads.push(gv.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            opt.step(&grads, 1e-2).unwrap();
+        }
+        for (p, w) in frozen {
+            let l = clf.adapters.lora_layers.iter().find(|l| l.path() == p).unwrap();
+            assert_eq!(max_abs(&l.weight(), &w), 0.0, "frozen weight {p} changed");
+        }
+    }
+}
