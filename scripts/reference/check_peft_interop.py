@@ -45,11 +45,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
+
+hf_logging.set_verbosity_error()  # no per-load reports (a random head for the base is expected)
+hf_logging.disable_progress_bar()
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 IGNORABLE_MISSING = ("position_ids",)
 

@@ -18,6 +18,9 @@ pub enum CoreError {
         key: String,
         msg: String,
     },
+    /// A weights file that cannot be opened or parsed as a whole.
+    #[error("{path}: {msg}")]
+    BadFile { path: String, msg: String },
     #[error("LoRA rank {r} is invalid for {path} ({out_features}x{in_features}): it must be between 1 and {max}")]
     BadRank {
         path: String,

@@ -28,9 +28,8 @@ impl SafetensorsSource {
     pub fn open(paths: &[PathBuf]) -> Result<Self> {
         for p in paths {
             if !p.exists() {
-                return Err(CoreError::BadTensor {
-                    source_name: p.display().to_string(),
-                    key: String::new(),
+                return Err(CoreError::BadFile {
+                    path: p.display().to_string(),
                     msg: "file not found".into(),
                 });
             }
@@ -38,10 +37,16 @@ impl SafetensorsSource {
         // SAFETY: the files are opened read-only; a concurrent writer truncating
         // them is outside what we guard against (as in candle and transformers).
         let inner = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(
-            |e| CoreError::BadTensor {
-                source_name: display_files(paths),
-                key: String::new(),
-                msg: format!("not a valid safetensors file ({})", first_line(&e.to_string())),
+            |e| {
+                // candle wraps the cause as `path: "file" cause`; the path is already named.
+                let e = match e {
+                    candle_core::Error::WithPath { inner, .. } => *inner,
+                    e => e,
+                };
+                CoreError::BadFile {
+                    path: display_files(paths),
+                    msg: format!("not a valid safetensors file ({})", first_line(&e.to_string())),
+                }
             },
         )?;
         Ok(Self {
