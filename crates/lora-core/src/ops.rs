@@ -328,6 +328,70 @@ pub fn softmax_reference(x: &Tensor) -> Result<Tensor> {
 }
 
 // ---------------------------------------------------------------------------
+// Softmax of (scores + mask bias) over the last dim, for attention: the bias
+// (B, 1, 1, T) is a constant, so no gradient is computed for it and the
+// broadcast sum is never materialised.
+// ---------------------------------------------------------------------------
+
+struct MaskedSoftmax {
+    /// (B, T) additive bias, contiguous.
+    bias: Tensor,
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "masked-softmax")?;
+        let dims = l.dims();
+        let (b, t) = self.bias.dims2()?;
+        let h = dims.last().copied().unwrap_or(1);
+        if dims.len() != 4 || dims[0] != b || h != t {
+            candle_core::bail!("masked-softmax: scores {:?} do not fit a ({b}, {t}) mask", dims)
+        }
+        let rows_per_batch = dims[1] * dims[2];
+        let mut dst = vec![0f32; x.len()];
+        with_f32(&self.bias, "masked-softmax", |bias| {
+            dst.par_chunks_mut(h).zip(x.par_chunks(h)).enumerate().for_each(|(r, (d, row))| {
+                let bi = r / rows_per_batch;
+                let m = &bias[bi * t..(bi + 1) * t];
+                let mut max = f32::NEG_INFINITY;
+                for i in 0..h {
+                    let v = row[i] + m[i];
+                    d[i] = v;
+                    max = max.max(v);
+                }
+                let mut sum = 0f32;
+                for v in d.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                d.iter_mut().for_each(|v| *v *= inv);
+            })
+        })?;
+        Ok((CpuStorage::F32(dst), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Softmax.bwd(arg, res, grad)
+    }
+}
+
+/// `softmax(scores + bias)` over the last dim; scores (B, H, Tq, T), bias (B, T)
+/// additive (0 or a large negative value), treated as a constant.
+pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
+        let (b, t) = bias.dims2()?;
+        return softmax_reference(&scores.broadcast_add(&bias.reshape((b, 1, 1, t))?)?);
+    }
+    let op = MaskedSoftmax { bias: bias.detach().contiguous()? };
+    scores.contiguous()?.apply_op1(op)
+}
+
+// ---------------------------------------------------------------------------
 // GELU (erf form, as in BERT).
 // ---------------------------------------------------------------------------
 
@@ -570,6 +634,21 @@ mod tests {
     #[test]
     fn softmax_matches_reference() {
         check(softmax_last_dim, softmax_reference, &[2, 3, 4, 9], 1e-5);
+    }
+
+    #[test]
+    fn masked_softmax_matches_reference() {
+        let mut bias = vec![0f32; 2 * 9];
+        bias[7] = f32::MIN;
+        bias[9 + 8] = f32::MIN;
+        let bias = Tensor::from_vec(bias, (2, 9), &Device::Cpu).unwrap();
+        let b4 = bias.reshape((2, 1, 1, 9)).unwrap();
+        check(
+            |x| masked_softmax(x, &bias),
+            |x| softmax_reference(&x.broadcast_add(&b4)?),
+            &[2, 3, 4, 9],
+            1e-5,
+        );
     }
 
     #[test]

@@ -239,7 +239,7 @@ impl SelfAttention {
         })
     }
 
-    /// x: (B, T, H); mask_bias: (B, 1, 1, T) additive.
+    /// x: (B, T, H); mask_bias: (B, T) additive.
     fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let d = h / self.heads;
@@ -249,8 +249,8 @@ impl SelfAttention {
         let q = split((self.query.forward(x, train)? * (1.0 / (d as f64).sqrt()))?)?;
         let k = split(self.key.forward(x, train)?)?;
         let v = split(self.value.forward(x, train)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask_bias)?; // (B, nh, T, T)
-        let probs = dropout(&ops::softmax_last_dim(&scores)?, self.attn_dropout, train)?;
+        let scores = q.matmul(&k.t()?)?; // (B, nh, T, T)
+        let probs = dropout(&ops::masked_softmax(&scores, mask_bias)?, self.attn_dropout, train)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?; // (B, T, H)
         let y = dropout(&self.out.forward(&ctx, train)?, self.hidden_dropout, train)?;
         self.norm.forward(&(y + x)?)
@@ -334,9 +334,9 @@ impl BertModel {
                 self.config.max_position_embeddings
             )
         }
-        // (B, T) 1/0 -> (B, 1, 1, T) additive bias: 0 or f32::MIN, as transformers.
+        // (B, T) 1/0 -> (B, T) additive bias: 0 or f32::MIN, as transformers.
         let mask = input.attention_mask.to_dtype(DType::F32)?;
-        let bias = ((1.0 - mask)? * f32::MIN as f64)?.unsqueeze(1)?.unsqueeze(1)?;
+        let bias = ((1.0 - mask)? * f32::MIN as f64)?;
         let mut x = self.embeddings.forward(&input.input_ids, &input.token_type_ids, train)?;
         for l in &self.layers {
             x = l.forward(&x, &bias, train)?;
