@@ -57,6 +57,54 @@ fn read_predictions(path: &Path, n: usize, labels: &[&str]) -> Vec<(String, Vec<
         .collect()
 }
 
+/// Starts `lora ARGS`, waits until `ready(metrics.jsonl text)` holds, sends
+/// SIGINT (as Ctrl-C does) and waits for the process to end.
+#[cfg(unix)]
+fn interrupt_when(args: Vec<std::ffi::OsString>, metrics: &Path, ready: impl Fn(&str) -> bool) -> Run {
+    let (mut cmd, argv) = command(args);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("cannot start lora");
+    let t0 = Instant::now();
+    loop {
+        if std::fs::read_to_string(metrics).map(|t| ready(&t)).unwrap_or(false) {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("lora ended ({status}) before the point of interruption was reached");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "point of interruption not reached within 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let k = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(k.success(), "kill -INT failed");
+    from_output(child.wait_with_output().unwrap(), argv)
+}
+
+/// Checks an interrupted run: exit 130, a hint to resume, an unfinished
+/// checkpoint. Returns the step it stopped at.
+fn check_interrupted(r: &Run, out: &Path, total: u64) -> u64 {
+    assert_eq!(
+        r.code, 130,
+        "expected exit 130 after SIGINT (0 means training finished before the signal landed):\n{}",
+        r.describe()
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.describe());
+    assert!(r.stderr.contains("lora train --resume"), "{}", r.describe());
+    assert_eq!(r.json()["outcome"], "interrupted", "{}", r.describe());
+    let st = read_json(&out.join("checkpoint/trainer_state.json"));
+    let step = st["step"].as_u64().unwrap();
+    assert!(step >= 1 && step < total, "stopped at step {step}");
+    assert_eq!(st["finished"], false);
+    assert_eq!(r.json()["steps"].as_u64(), Some(step), "{}", r.describe());
+    // The log holds nothing past the checkpoint.
+    let last = train_losses(&out.join("metrics.jsonl")).last().map(|l| l.0).unwrap_or(0);
+    assert!(last <= step, "log reaches step {last}, checkpoint is at {step}");
+    step
+}
+
 #[test]
 fn train_eval_predict_inspect_merge() {
     let dir = TempDir::new("happy");
@@ -67,9 +115,9 @@ fn train_eval_predict_inspect_merge() {
     let valid = dir.file("valid.csv", csv(&toy_rows(&["pos", "neg", "neu"], 18)[42..]));
     let out = dir.join("run");
 
-    let r = lora(train_args(&m, &train, &out, &["--epochs", "30", "--seed", "0", "--valid"]).into_iter().chain(args![&valid]));
+    let r = lora(train_args(&m, &train, &out, &["--epochs", "40", "--seed", "0", "--valid"]).into_iter().chain(args![&valid]));
     let r = r.ok();
-    assert!(r.stderr.contains("finished after 180 steps"), "{}", r.describe());
+    assert!(r.stderr.contains("finished after 240 steps"), "{}", r.describe());
 
     for f in [
         "adapter_config.json",
@@ -101,18 +149,18 @@ fn train_eval_predict_inspect_merge() {
     assert_eq!(task["task"], "classify");
     assert_eq!(task["max_len"], 32);
     let run_cfg = read_json(&out.join("run_config.json"));
-    assert_eq!(run_cfg["epochs"], 30);
+    assert_eq!(run_cfg["epochs"], 40);
     assert_eq!(run_cfg["seed"], 0);
     let state = read_json(&out.join("checkpoint/trainer_state.json"));
-    assert_eq!(state["step"], 180);
+    assert_eq!(state["step"], 240);
     assert_eq!(state["finished"], true);
 
     // metrics.jsonl: train and eval lines (one eval per epoch).
     let losses = train_losses(&out.join("metrics.jsonl"));
     assert!(!losses.is_empty());
-    assert_eq!(losses.last().unwrap().0, 180, "the last step is logged");
+    assert_eq!(losses.last().unwrap().0, 240, "the last step is logged");
     let evals = eval_records(&out.join("metrics.jsonl"));
-    assert_eq!(evals.len(), 30);
+    assert_eq!(evals.len(), 40);
     for e in &evals {
         for k in ["accuracy", "macro_f1", "loss"] {
             assert!(e[k].as_f64().is_some_and(f64::is_finite), "{k} in {e}");
@@ -128,7 +176,8 @@ fn train_eval_predict_inspect_merge() {
     let r = lora(args!["eval", "--model", &m, "--adapter", &out, "--data", &train, "--json", "--plot", &plot]).ok();
     let ev = r.json();
     let acc = ev["accuracy"].as_f64().unwrap();
-    assert!(acc >= 0.8, "accuracy {acc} on the training data (chance is 0.33):\n{}", r.describe());
+    // 0.93 here (1 or 2 threads); chance is 0.33.
+    assert!(acc >= 0.8, "accuracy {acc} on the training data:\n{}", r.describe());
     assert!(ev["macro_f1"].as_f64().unwrap() >= 0.75, "{ev}");
     assert!(ev["loss"].as_f64().unwrap().is_finite(), "{ev}");
     assert_eq!(ev["n"], 42);
@@ -259,41 +308,22 @@ fn ctrl_c_checkpoint_and_exact_resume() {
     let total = r.json()["steps"].as_u64().unwrap();
     assert_eq!(total, 200);
 
+    // First cut: as soon as one training step is logged (mid-epoch, before
+    // any evaluation or saved adapter).
     let cut = dir.join("cut");
-    let (mut cmd, argv) = command(train_args(&m, &train, &cut, settings));
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("cannot start lora");
-    // Wait for the first logged training step, then interrupt.
     let metrics = cut.join("metrics.jsonl");
-    let t0 = Instant::now();
-    loop {
-        let logged = std::fs::read_to_string(&metrics).map(|t| t.contains("\"kind\":\"train\"")).unwrap_or(false);
-        if logged {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "no training step logged within 60 s");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let k = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(k.success(), "kill -INT failed");
-    let r = from_output(child.wait_with_output().unwrap(), argv);
-    assert_eq!(
-        r.code, 130,
-        "expected exit 130 after SIGINT (0 means training finished before the signal landed):\n{}",
-        r.describe()
-    );
-    assert!(!r.stderr.contains("panicked"), "{}", r.describe());
-    assert!(r.stderr.contains("lora train --resume"), "{}", r.describe());
-    let st = read_json(&cut.join("checkpoint/trainer_state.json"));
-    let stopped_at = st["step"].as_u64().unwrap();
-    assert!(stopped_at >= 1 && stopped_at < total, "stopped at step {stopped_at}");
-    assert_eq!(st["finished"], false);
-    eprintln!("interrupted at step {stopped_at} of {total}");
-    let summary = r.json();
-    assert_eq!(summary["outcome"], "interrupted");
+    let r = interrupt_when(train_args(&m, &train, &cut, settings), &metrics, |log| log.contains("\"kind\":\"train\""));
+    let first = check_interrupted(&r, &cut, total);
+
+    // Second cut, during the resumed run: after two evaluations (so the best
+    // metric, a saved adapter and eval lines must survive the resume).
+    let r = interrupt_when(args!["train", "--resume", &cut, "--json"], &metrics, |log| {
+        log.matches("\"kind\":\"eval\"").count() >= 2
+    });
+    let second = check_interrupted(&r, &cut, total);
+    assert!(second > first, "second cut at step {second}, first at {first}");
+    assert!(second >= 10, "second cut at step {second}, before two evaluations");
+    eprintln!("interrupted at steps {first} and {second} of {total}");
 
     // Resume with only the folder: settings come from run_config.json.
     let r = lora(args!["train", "--resume", &cut, "--json"]).ok();
@@ -304,12 +334,12 @@ fn ctrl_c_checkpoint_and_exact_resume() {
     for f in ["checkpoint/state.safetensors", "adapter_model.safetensors", "adapter_config.json", "labels.json"] {
         let x = std::fs::read(full.join(f)).unwrap();
         let y = std::fs::read(cut.join(f)).unwrap();
-        assert!(x == y, "{f}: resumed run (interrupted at step {stopped_at}) differs from the uninterrupted run");
+        assert!(x == y, "{f}: resumed run (interrupted at steps {first} and {second}) differs from the uninterrupted run");
     }
     let lf = train_losses(&full.join("metrics.jsonl"));
     let lc = train_losses(&cut.join("metrics.jsonl"));
     assert_eq!(lf.len(), total as usize);
-    assert_eq!(lf, lc, "train log after resume (interrupted at step {stopped_at})");
+    assert_eq!(lf, lc, "train log after resume (interrupted at steps {first} and {second})");
     assert_eq!(eval_records(&full.join("metrics.jsonl")), eval_records(&cut.join("metrics.jsonl")));
     let sf = read_json(&full.join("checkpoint/trainer_state.json"));
     let sc = read_json(&cut.join("checkpoint/trainer_state.json"));
@@ -320,7 +350,7 @@ fn ctrl_c_checkpoint_and_exact_resume() {
     // Resuming a finished run has nothing left to do: it must not change
     // the adapter.
     let before = std::fs::read(cut.join("adapter_model.safetensors")).unwrap();
-    let r = lora(args!["train", "--resume", &cut, "--json"]);
-    assert!(!r.stderr.contains("panicked"), "{}", r.describe());
+    let r = lora(args!["train", "--resume", &cut, "--json"]).ok();
+    assert_eq!(r.json()["steps"].as_u64(), Some(total));
     assert_eq!(before, std::fs::read(cut.join("adapter_model.safetensors")).unwrap());
 }

@@ -129,7 +129,15 @@ pub fn name_matches(name: &str, path: &str) -> bool {
 fn compile_full(re: &str) -> Result<Regex> {
     Regex::new(&format!("^(?:{re})$")).map_err(|e| CoreError::BadRegex {
         pattern: re.to_string(),
-        msg: crate::weights::first_line(&e.to_string()),
+        // regex's syntax errors are multi-line drawings; the last line says why.
+        msg: e
+            .to_string()
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(|l| l.trim_start_matches("error:").trim().to_string())
+            .unwrap_or_default(),
     })
 }
 

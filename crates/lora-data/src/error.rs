@@ -29,7 +29,7 @@ pub enum DataError {
     },
 
     /// The file extension does not tell the format and none was given.
-    #[error("{}: cannot tell the format from the extension '{ext}' (known: .csv, .tsv, .txt, .jsonl, .json); pass the format explicitly", path.display())]
+    #[error("{}: cannot tell the format from the extension '{ext}' (known: .csv, .tsv, .txt, .jsonl, .json); rename the file to one of these", path.display())]
     UnknownFormat { path: PathBuf, ext: String },
 
     /// A format name (e.g. from the command line) that is not known.

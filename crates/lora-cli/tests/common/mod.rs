@@ -108,6 +108,8 @@ impl Run {
         for n in needles {
             assert!(line.contains(n), "error line does not mention {n:?}:\n{}", self.describe());
         }
+        // Shown with --nocapture, for reviewing the messages.
+        eprintln!("[{}] {line}", self.args.first().map(String::as_str).unwrap_or(""));
         line.to_string()
     }
 }
