@@ -269,7 +269,6 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     if labels.len() < 2 {
         bail!("{}: the training data has only one label ({:?}); a classifier needs at least two", train_path.display(), labels.names());
     }
-    check_base_head(&model_dir, &labels, &train_path)?;
     let train_y = lora_data::label_ids(&train_ex, &labels, &train_path)?;
     let valid_y = lora_data::label_ids(&valid_ex, &labels, &valid_path)?;
 
@@ -286,6 +285,9 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     let train_set = task::encode(&clf, &texts(&train_ex), train_y, args.max_len)?;
     let valid_set = task::encode(&clf, &texts(&valid_ex), valid_y, args.max_len)?;
 
+    for n in &clf.adapters.notes {
+        eprintln!("note: {n}");
+    }
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     let trainable = clf.adapters.trainable_params();
     let total = clf.adapters.total_params();
@@ -413,28 +415,6 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         return Ok(130);
     }
     Ok(0)
-}
-
-/// A classifier head in the base checkpoint is the starting head, so it needs
-/// one output per training label. (Other model problems are reported when the
-/// model is built.)
-fn check_base_head(model_dir: &Path, labels: &lora_data::LabelSet, train_path: &Path) -> Result<()> {
-    use lora_core::WeightSource;
-    let Ok(folder) = lora_models::HfFolder::open(model_dir) else { return Ok(()) };
-    let Ok(src) = folder.weight_source() else { return Ok(()) };
-    let Some(outputs) = src.shape("classifier.weight").and_then(|s| s.first().copied()) else {
-        return Ok(());
-    };
-    if outputs != labels.len() {
-        bail!(
-            "{}: the model's classifier head has {outputs} outputs but {} has {} labels ({}); train with {outputs} labels or start from a model without a classifier head",
-            src.name(),
-            train_path.display(),
-            labels.len(),
-            labels.names().join(", ")
-        );
-    }
-    Ok(())
 }
 
 fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {

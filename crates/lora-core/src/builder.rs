@@ -73,6 +73,7 @@ struct State {
     linear_paths: Vec<String>,
     frozen_params: usize,
     used_preloaded: Vec<String>,
+    notes: Vec<String>,
 }
 
 struct Shared {
@@ -338,8 +339,23 @@ impl ModelBuilder {
             self.state().used_preloaded.push(path.clone());
             (w.clone(), if bias { b.clone() } else { None })
         } else {
-            let w = self.load(&self.key("weight"), &[out_f, in_f])?;
-            let b = if bias { self.load(&self.key("bias"), &[out_f])? } else { None };
+            // A base head of another size (e.g. a different label count) is
+            // replaced by a fresh one, as transformers' ignore_mismatched_sizes.
+            let found = self.resolve(&self.key("weight")).and_then(|k| self.shared.source.shape(&k));
+            let mismatched = matches!(&found, Some(s) if s != &[out_f, in_f]);
+            if mismatched && self.shared.init_missing_heads {
+                self.state().notes.push(format!(
+                    "{path}: the base checkpoint's head has shape {:?}, this task needs [{out_f}, {in_f}]; starting from a new head",
+                    found.unwrap_or_default()
+                ));
+            }
+            let (w, b) = if mismatched && self.shared.init_missing_heads {
+                (None, None)
+            } else {
+                let w = self.load(&self.key("weight"), &[out_f, in_f])?;
+                let b = if bias { self.load(&self.key("bias"), &[out_f])? } else { None };
+                (w, b)
+            };
             match (w, b) {
                 (Some(w), b) if !bias || b.is_some() => (w, b),
                 _ if self.shared.init_missing_heads => {
@@ -409,6 +425,7 @@ impl ModelBuilder {
             heads: st.heads,
             linear_paths: st.linear_paths,
             frozen_params: st.frozen_params,
+            notes: st.notes,
         })
     }
 }
@@ -480,6 +497,8 @@ pub struct AdapterSet {
     pub linear_paths: Vec<String>,
     /// Parameters in frozen tensors loaded from the base.
     pub frozen_params: usize,
+    /// Things the user should know about how the model was built.
+    pub notes: Vec<String>,
 }
 
 /// A trainable tensor with the name it is saved under (without PEFT's

@@ -200,7 +200,7 @@ impl Trainer {
                     let loss = task.loss(b)?;
                     let lv = loss.to_scalar::<f32>()?;
                     if !lv.is_finite() {
-                        return Err(TrainError::NonFinite { step: self.state.step, value: lv });
+                        return Err(TrainError::NonFinite { step: self.state.step + 1, value: lv });
                     }
                     loss_sum += lv as f64;
                     samples += task.samples(b);
@@ -213,7 +213,7 @@ impl Trainer {
                     }
                 }
                 if grads.iter().flatten().any(|g| !g.is_finite()) {
-                    return Err(TrainError::NonFinite { step: self.state.step, value: f32::NAN });
+                    return Err(TrainError::NonFinite { step: self.state.step + 1, value: f32::NAN });
                 }
                 let grad_norm = clip_grad_norm(&mut grads, self.cfg.max_grad_norm);
                 let lr = self.cfg.schedule.lr(self.cfg.lr, self.state.step, warmup, total);
