@@ -219,7 +219,11 @@ impl Hooks for TrainHooks<'_> {
             if improved { " (best, saved)" } else { "" }
         );
         if !self.quiet {
-            self.bar.println(line);
+            if ui::interactive() {
+                self.bar.println(line);
+            } else {
+                eprintln!("{line}");
+            }
         }
         if improved {
             adapter::save_classifier(&self.out, self.clf, &self.meta)
