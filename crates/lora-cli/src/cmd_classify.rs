@@ -437,27 +437,35 @@ fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {
     }
 }
 
+/// The inputs `eval` and `predict` share.
 #[derive(Args, Debug)]
-pub struct EvalArgs {
+pub struct ModelData {
     /// Base model folder.
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter folder (PEFT format). Without it the model's own head is used (e.g. a merged model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Labelled data: .csv, .tsv or .jsonl.
+    /// Data: .csv, .tsv or .jsonl.
     #[arg(long)]
     pub data: PathBuf,
     /// Text column (default: as trained, else "text").
     #[arg(long)]
     pub text_column: Option<String>,
-    /// Label column (default: as trained, else "label").
-    #[arg(long)]
-    pub label_column: Option<String>,
+    /// Truncation length (default: as trained, else 128).
     #[arg(long)]
     pub max_len: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub io: ModelData,
+    /// Label column (default: as trained, else "label").
+    #[arg(long)]
+    pub label_column: Option<String>,
     /// Also draw the confusion matrix to this file (.svg).
     #[arg(long)]
     pub plot: Option<PathBuf>,
@@ -486,15 +494,16 @@ fn columns(clf: &Classifier, text: &Option<String>, label: &Option<String>, max_
 /// `lora eval`.
 pub fn eval(a: EvalArgs) -> Result<i32> {
     let t0 = Instant::now();
-    let clf = open_classifier(&a.model, a.adapter.as_deref())?;
-    let (tc, lc, max_len) = columns(&clf, &a.text_column, &a.label_column, a.max_len);
-    let ex = lora_data::read_examples(&a.data, &tc, Some(&lc), None)?;
+    let io = &a.io;
+    let clf = open_classifier(&io.model, io.adapter.as_deref())?;
+    let (tc, lc, max_len) = columns(&clf, &io.text_column, &a.label_column, io.max_len);
+    let ex = lora_data::read_examples(&io.data, &tc, Some(&lc), None)?;
     let labels = lora_data::LabelSet::from_names(clf.labels.clone())?;
-    let y = lora_data::label_ids(&ex, &labels, &a.data)?;
+    let y = lora_data::label_ids(&ex, &labels, &io.data)?;
     let texts: Vec<String> = ex.iter().map(|e| e.text.clone()).collect();
     let set = task::encode(&clf, &texts, y, max_len)?;
     let bar = ui::bar(set.len() as u64, "examples", a.json);
-    let (report, loss, _) = task::evaluate(&clf, &set, a.batch_size.max(1), &Device::Cpu, &mut |n| bar.inc(n as u64))?;
+    let (report, loss, _) = task::evaluate(&clf, &set, io.batch_size.max(1), &Device::Cpu, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     if let Some(p) = &a.plot {
         lora_data::plot_confusion(p, &report.labels, &report.confusion, "Confusion matrix")?;
@@ -503,11 +512,11 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["loss"] = serde_json::json!(loss);
-        v["data"] = serde_json::json!(a.data.display().to_string());
+        v["data"] = serde_json::json!(io.data.display().to_string());
         v["seconds"] = serde_json::json!(secs);
         println!("{v}");
     } else {
-        println!("{} · {} examples · loss {:.4} · {:.1}s\n", a.data.display(), report.n, loss, secs);
+        println!("{} · {} examples · loss {:.4} · {:.1}s\n", io.data.display(), report.n, loss, secs);
         println!("{}", report.render_table());
     }
     Ok(0)
@@ -515,19 +524,8 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
-    /// Data with a text column: .csv, .tsv or .jsonl.
-    #[arg(long)]
-    pub data: PathBuf,
-    #[arg(long)]
-    pub text_column: Option<String>,
-    #[arg(long)]
-    pub max_len: Option<usize>,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
+    #[command(flatten)]
+    pub io: ModelData,
     /// Output JSONL file (default: stdout).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -535,13 +533,14 @@ pub struct PredictArgs {
 
 /// `lora predict`.
 pub fn predict(a: PredictArgs) -> Result<i32> {
-    let clf = open_classifier(&a.model, a.adapter.as_deref())?;
-    let (tc, _, max_len) = columns(&clf, &a.text_column, &None, a.max_len);
-    let ex = lora_data::read_examples(&a.data, &tc, None, None)?;
+    let io = &a.io;
+    let clf = open_classifier(&io.model, io.adapter.as_deref())?;
+    let (tc, _, max_len) = columns(&clf, &io.text_column, &None, io.max_len);
+    let ex = lora_data::read_examples(&io.data, &tc, None, None)?;
     let texts: Vec<String> = ex.iter().map(|e| e.text.clone()).collect();
     let set = task::encode(&clf, &texts, vec![], max_len)?;
     let bar = ui::bar(set.len() as u64, "examples", a.out.is_none());
-    let logits = task::predict_logits(&clf, &set.ids, a.batch_size.max(1), &Device::Cpu, &mut |n| bar.inc(n as u64))?;
+    let logits = task::predict_logits(&clf, &set.ids, io.batch_size.max(1), &Device::Cpu, &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let mut buf = String::new();
     for (i, row) in logits.iter().enumerate() {
