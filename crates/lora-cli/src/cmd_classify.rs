@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use lora_core::{AdapterPlan, LoraConfig, LoraInit, TargetSpec};
-use lora_data::{EvalRecord as LogEval, LogRecord, MetricsLog, TrainRecord};
+use lora_data::{EvalRecord as LogEval, MetricsLog, TrainRecord};
 use lora_models::Head;
 use lora_tasks::classify::adapter::{self, AdapterSource, Classifier, TaskMeta};
 use lora_tasks::classify::{self as task, ClassifyTask};
@@ -428,7 +428,6 @@ fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {
         if let Err(e) = lora_data::plot_training(&out.join("training.svg"), &loss, &valid) {
             eprintln!("warning: cannot draw training.svg: {e}");
         }
-        let _ = records.iter().filter(|r| matches!(r, LogRecord::Eval(_))).count();
     }
     if let Some(r) = best {
         if let Err(e) = lora_data::plot_confusion(&out.join("confusion_valid.svg"), &r.labels, &r.confusion, "Validation confusion (best checkpoint)") {
