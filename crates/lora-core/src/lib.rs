@@ -6,6 +6,7 @@ pub mod builder;
 pub mod error;
 pub mod lora;
 pub mod ops;
+pub mod ops_decoder;
 pub mod target;
 pub mod weights;
 

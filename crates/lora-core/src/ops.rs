@@ -13,7 +13,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
     let data = match s {
         CpuStorage::F32(v) => v.as_slice(),
         other => candle_core::bail!("{op}: only f32 is supported, got {:?}", other.dtype()),
@@ -24,7 +24,7 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a 
     }
 }
 
-fn with_f32<T>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
+pub(crate) fn with_f32<T>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -> T) -> Result<T> {
     let (st, l) = t.storage_and_layout();
     match &*st {
         candle_core::Storage::Cpu(s) => Ok(f(f32_slice(s, l, op)?)),
@@ -37,7 +37,7 @@ pub fn set_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
-fn threads() -> gemm::Parallelism {
+pub(crate) fn threads() -> gemm::Parallelism {
     let n = candle_core::utils::get_num_threads();
     if n > 1 {
         gemm::Parallelism::Rayon(n)

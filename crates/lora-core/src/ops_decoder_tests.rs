@@ -1,0 +1,86 @@
+use super::*;
+use candle_core::{Device, Tensor, Var};
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+/// Forward values and input gradients of `fast` against `reference` under a
+/// random linear functional of the output.
+fn check(fast: impl Fn(&Tensor) -> Result<Tensor>, reference: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize], tol: f32) {
+    let x = Var::from_tensor(&randn(shape, 1)).unwrap();
+    let yf = fast(x.as_tensor()).unwrap();
+    let yr = reference(x.as_tensor()).unwrap();
+    assert!(max_abs(&yf, &yr) < tol, "forward differs: {}", max_abs(&yf, &yr));
+    let w = randn(yf.dims(), 2);
+    let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let gr = (yr * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let (gf, gr) = (gf.get(&x).unwrap(), gr.get(&x).unwrap());
+    assert!(max_abs(gf, gr) < tol, "grad differs: {}", max_abs(gf, gr));
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let g = randn(&[16], 6);
+    check(|x| rms_norm(x, &g, 1e-5), |x| rms_norm_reference(x, &g, 1e-5), &[3, 4, 16], 1e-4);
+}
+
+#[test]
+fn rope_matches_reference_and_inverts() {
+    let (t, d) = (5, 8);
+    let ang = randn(&[t, d / 2], 9);
+    let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
+    check(|x| rope(x, &c, &s), |x| rope_reference(x, &c, &s), &[2, t, 3, d], 1e-5);
+}
+
+#[test]
+fn causal_softmax_matches_reference() {
+    check(|x| causal_softmax(x, 0), |x| causal_softmax_reference(x, 0), &[2, 3, 6, 6], 1e-5);
+    check(|x| causal_softmax(x, 4), |x| causal_softmax_reference(x, 4), &[1, 2, 3, 7], 1e-5);
+    assert!(causal_softmax(&randn(&[1, 1, 3, 2], 1), 0).is_err());
+}
+
+#[test]
+fn silu_mul_matches_reference() {
+    let u = Var::from_tensor(&randn(&[4, 10], 3)).unwrap();
+    check(|g| silu_mul(g, u.as_tensor()), |g| silu_mul_reference(g, u.as_tensor()), &[4, 10], 1e-5);
+    check(|x| silu_mul(&randn(&[4, 10], 3), x), |x| silu_mul_reference(&randn(&[4, 10], 3), x), &[4, 10], 1e-5);
+}
+
+#[test]
+fn token_cross_entropy_matches_reference_and_ignores() {
+    let targets = [3i64, -100, 0, 6, -100];
+    check(
+        |x| Ok(token_cross_entropy(x, &targets)?.0),
+        |x| token_cross_entropy_reference(x, &targets),
+        &[5, 7],
+        1e-5,
+    );
+    let (_, n) = token_cross_entropy(&randn(&[5, 7], 1), &targets).unwrap();
+    assert_eq!(n, 3);
+    assert!(token_cross_entropy(&randn(&[5, 7], 1), &[7, 0, 0, 0, 0]).is_err());
+}
+
+#[test]
+fn frozen_qlinear_matches_dequantized_matmul() {
+    use candle_core::quantized::GgmlDType;
+    let w = randn(&[24, 64], 4);
+    let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4_1).unwrap());
+    let wd = q.dequantize(&Device::Cpu).unwrap();
+    // Large batch: dequantized GEMM, exact to f32 rounding.
+    check(|x| frozen_qlinear(x, &q), |x| crate::ops::linear_reference(x, &wd, None), &[2, 10, 64], 1e-4);
+    // One row: quantized dot products (8-bit activations), close but not exact.
+    let x = randn(&[1, 64], 5);
+    let y = frozen_qlinear(&x, &q).unwrap();
+    let r = crate::ops::linear_reference(&x, &wd, None).unwrap();
+    let scale: f32 = r.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+    assert!(max_abs(&y, &r) < 0.02 * scale, "{} vs scale {scale}", max_abs(&y, &r));
+}
