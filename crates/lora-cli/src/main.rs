@@ -3,6 +3,7 @@
 mod bench;
 mod cmd_classify;
 mod cmd_inspect;
+mod cmd_lowrank;
 mod cmd_merge;
 mod ui;
 
@@ -50,6 +51,16 @@ enum Cmd {
     Inspect(cmd_inspect::InspectArgs),
     /// Fixed-shape training and inference benchmark (MiniLM shape by default).
     Bench(bench::BenchArgs),
+    /// Turn a fully fine-tuned model into a LoRA adapter (best rank-r of W_tuned - W_base per module).
+    Extract(cmd_lowrank::ExtractArgs),
+    /// Combine adapters as PEFT's add_weighted_adapter (linear, cat, svd, ties).
+    Combine(cmd_lowrank::CombineArgs),
+    /// Replace weight matrices of a model by rank-r factor pairs.
+    Compress(cmd_lowrank::CompressArgs),
+    /// Singular spectrum, effective rank and subspace similarity of adapters.
+    Analyze(cmd_lowrank::AnalyzeArgs),
+    /// Convert a trained PiSSA/OLoRA adapter to a plain LoRA on the unmodified base.
+    Convert(cmd_lowrank::ConvertArgs),
 }
 
 /// Keep freed memory in the heap: training allocates and frees the same large
@@ -95,6 +106,11 @@ fn main() {
         Cmd::Merge(a) => cmd_merge::merge(a),
         Cmd::Inspect(a) => cmd_inspect::inspect(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Extract(a) => cmd_lowrank::extract(a),
+        Cmd::Combine(a) => cmd_lowrank::combine(a),
+        Cmd::Compress(a) => cmd_lowrank::compress(a),
+        Cmd::Analyze(a) => cmd_lowrank::analyze(a),
+        Cmd::Convert(a) => cmd_lowrank::convert(a),
     };
     match res {
         Ok(code) => std::process::exit(code),
