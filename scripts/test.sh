@@ -4,5 +4,5 @@
 # optimized test profile (see Cargo.toml).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/fetch_assets.sh minilm
+scripts/fetch_assets.sh minilm smollm2
 cargo test --workspace --no-fail-fast "$@"

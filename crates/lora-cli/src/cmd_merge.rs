@@ -37,11 +37,11 @@ pub fn merge(a: MergeArgs) -> Result<i32> {
     }
     let mut replaced = 0;
     for l in &clf.adapters.lora_layers {
-        tensors.insert(format!("{}.weight", l.path()), l.weight());
+        tensors.insert(format!("{}.weight", l.path()), l.weight()?);
         replaced += 1;
     }
     for h in &clf.adapters.heads {
-        tensors.insert(format!("{}.weight", h.path()), h.weight());
+        tensors.insert(format!("{}.weight", h.path()), h.weight()?);
         if let Some(b) = h.bias() {
             tensors.insert(format!("{}.bias", h.path()), b);
         }

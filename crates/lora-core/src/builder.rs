@@ -8,7 +8,7 @@
 //! for merging and for saving.
 
 use crate::error::{CoreError, Result};
-use crate::lora::{scaling, Linear, LoraConfig, LoraInit, LoraWeights};
+use crate::lora::{scaling, FrozenWeight, Linear, LoraConfig, LoraInit, LoraWeights};
 use crate::target::{name_matches, TargetModules, TargetSpec};
 use crate::weights::WeightSource;
 use candle_core::{Device, Tensor, Var};
@@ -234,6 +234,28 @@ impl ModelBuilder {
         }
     }
 
+    /// A frozen matrix `name` under the current path, kept in its stored
+    /// block-quantized form when the source has one (GGUF), else dense f32.
+    pub fn frozen_weight(&self, name: &str, shape: &[usize]) -> Result<FrozenWeight> {
+        let key = self.key(name);
+        if let Some(ck) = self.resolve(&key) {
+            let src = &self.shared.source;
+            if let Some(q) = src.get_quantized(&ck, &self.shared.device)? {
+                if q.shape().dims() != shape {
+                    return Err(CoreError::ShapeMismatch {
+                        source_name: src.name(),
+                        key: ck,
+                        expected: shape.to_vec(),
+                        got: q.shape().dims().to_vec(),
+                    });
+                }
+                self.state().frozen_params += q.shape().elem_count();
+                return Ok(FrozenWeight::Quantized(q));
+            }
+        }
+        Ok(FrozenWeight::Dense(self.tensor(name, shape)?))
+    }
+
     /// Like [`Self::tensor`] but `None` when absent.
     pub fn tensor_opt(&self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
         let t = self.load(&self.key(name), shape)?;
@@ -272,14 +294,14 @@ impl ModelBuilder {
         if self.is_saved_module() {
             return self.saved_module(in_f, out_f, bias);
         }
-        let w = self.tensor("weight", &[out_f, in_f])?;
+        let w = self.frozen_weight("weight", &[out_f, in_f])?;
         let b = if bias { Some(self.tensor("bias", &[out_f])?) } else { None };
         self.state().linear_paths.push(path.clone());
         let Some(plan) = &self.shared.plan else {
-            return Ok(Linear::frozen(path, w, b));
+            return Linear::from_frozen(path, w, b, None);
         };
         if !plan.targets.matches(&path, is_head) {
-            return Ok(Linear::frozen(path, w, b));
+            return Linear::from_frozen(path, w, b, None);
         }
         let lora = match self.shared.preloaded.lora.get(&path) {
             Some((a, bm)) => {
@@ -314,7 +336,7 @@ impl ModelBuilder {
                 }
             }
         };
-        let layer = Linear::with_lora(path, w, b, lora)?;
+        let layer = Linear::from_frozen(path, w, b, Some(lora))?;
         self.state().lora_layers.push(layer.clone());
         Ok(layer)
     }

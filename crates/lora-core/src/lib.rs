@@ -7,11 +7,12 @@ pub mod error;
 pub mod lora;
 pub mod ops;
 pub mod ops_decoder;
+pub mod qgemv;
 pub mod target;
 pub mod weights;
 
 pub use builder::{init_pair, AdapterPlan, AdapterSet, ModelBuilder, NamedVar, Preloaded};
 pub use error::{CoreError, Result};
-pub use lora::{scaling, Linear, LoraConfig, LoraInit, LoraWeights};
+pub use lora::{scaling, FrozenWeight, Linear, LoraConfig, LoraInit, LoraWeights};
 pub use target::{TargetModules, TargetSpec};
 pub use weights::{MemorySource, SafetensorsSource, WeightSource};

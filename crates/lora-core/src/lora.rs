@@ -10,6 +10,7 @@
 
 use crate::error::{CoreError, Result};
 use crate::ops;
+use candle_core::quantized::QTensor;
 use candle_core::{Tensor, Var};
 use std::sync::{Arc, RwLock};
 
@@ -96,6 +97,62 @@ enum Base {
     Frozen { weight: Tensor, bias: Option<Tensor> },
     /// Fully trainable (PEFT's `modules_to_save`, e.g. the classification head).
     Trainable { weight: Var, bias: Option<Var> },
+    /// Frozen weight in a GGML block format (QLoRA). Merging keeps the
+    /// quantized original and uses a dense `W + s·B·A` until unmerged, so
+    /// unmerging restores the exact quantized weight.
+    Quantized { weight: Arc<QTensor>, bias: Option<Tensor>, merged: Option<Tensor> },
+}
+
+/// A frozen weight as the builder hands it out: dense f32 or quantized.
+#[derive(Clone, Debug)]
+pub enum FrozenWeight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
+impl FrozenWeight {
+    /// (out, in) for a matrix.
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Self::Dense(t) => t.dims2()?,
+            Self::Quantized(q) => q.shape().dims2()?,
+        })
+    }
+
+    /// The weight as f32 (dequantized when quantized).
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Self::Dense(t) => t.clone(),
+            Self::Quantized(q) => q.dequantize(&candle_core::Device::Cpu)?,
+        })
+    }
+
+    /// Rows of an embedding matrix (vocab, hidden) for token ids of any shape.
+    pub fn embedding(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Quantized(q) => q.embedding(ids),
+            Self::Dense(w) => {
+                let mut dims = ids.dims().to_vec();
+                dims.push(w.dim(1)?);
+                w.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
+            }
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count() * 4,
+            Self::Quantized(q) => q.storage_size_in_bytes(),
+        }
+    }
+
+    pub fn elem_count(&self) -> usize {
+        match self {
+            Self::Dense(t) => t.elem_count(),
+            Self::Quantized(q) => q.shape().elem_count(),
+        }
+    }
 }
 
 struct Inner {
@@ -122,6 +179,27 @@ impl Linear {
         Self::from_inner(path.into(), Base::Frozen { weight, bias }, None)
     }
 
+    /// A frozen layer over a dense or quantized weight, optionally with LoRA.
+    pub fn from_frozen(
+        path: impl Into<String>,
+        weight: FrozenWeight,
+        bias: Option<Tensor>,
+        lora: Option<LoraWeights>,
+    ) -> Result<Self> {
+        let path = path.into();
+        match (weight, lora) {
+            (FrozenWeight::Dense(w), Some(l)) => Self::with_lora(path, w, bias, l),
+            (FrozenWeight::Dense(w), None) => Ok(Self::frozen(path, w, bias)),
+            (FrozenWeight::Quantized(q), lora) => {
+                let (out_f, in_f) = q.shape().dims2()?;
+                if let Some(l) = &lora {
+                    check_fit(&path, l, out_f, in_f)?;
+                }
+                Ok(Self::from_inner(path, Base::Quantized { weight: q, bias, merged: None }, lora))
+            }
+        }
+    }
+
     pub fn trainable(path: impl Into<String>, weight: Var, bias: Option<Var>) -> Self {
         Self::from_inner(path.into(), Base::Trainable { weight, bias }, None)
     }
@@ -134,15 +212,7 @@ impl Linear {
     ) -> Result<Self> {
         let path = path.into();
         let (out_f, in_f) = weight.dims2()?;
-        let (r, a_in) = lora.a.as_tensor().dims2()?;
-        let (b_out, b_r) = lora.b.as_tensor().dims2()?;
-        if a_in != in_f || b_out != out_f || b_r != r {
-            return Err(CoreError::State(format!(
-                "{path}: lora_A {:?} / lora_B {:?} do not fit a {out_f}x{in_f} layer",
-                lora.a.as_tensor().dims(),
-                lora.b.as_tensor().dims()
-            )));
-        }
+        check_fit(&path, &lora, out_f, in_f)?;
         Ok(Self::from_inner(path, Base::Frozen { weight, bias }, Some(lora)))
     }
 
@@ -183,20 +253,38 @@ impl Linear {
 
     /// (out_features, in_features)
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(self.weight().dims2()?)
+        match &self.read().base {
+            Base::Quantized { weight, .. } => Ok(weight.shape().dims2()?),
+            Base::Frozen { weight, .. } => Ok(weight.dims2()?),
+            Base::Trainable { weight, .. } => Ok(weight.as_tensor().dims2()?),
+        }
     }
 
-    /// The current base weight (merged weight when merged).
-    pub fn weight(&self) -> Tensor {
-        match &self.read().base {
+    /// The current base weight as f32 (merged weight when merged; a quantized
+    /// weight is dequantized).
+    pub fn weight(&self) -> Result<Tensor> {
+        Ok(match &self.read().base {
             Base::Frozen { weight, .. } => weight.clone(),
             Base::Trainable { weight, .. } => weight.as_tensor().clone(),
+            Base::Quantized { merged: Some(w), .. } => w.clone(),
+            Base::Quantized { weight, .. } => weight.dequantize(&candle_core::Device::Cpu)?,
+        })
+    }
+
+    /// The frozen base weight as stored (quantized stays quantized; the
+    /// merged dense weight when merged).
+    pub fn frozen_weight(&self) -> Option<FrozenWeight> {
+        match &self.read().base {
+            Base::Frozen { weight, .. } => Some(FrozenWeight::Dense(weight.clone())),
+            Base::Quantized { merged: Some(w), .. } => Some(FrozenWeight::Dense(w.clone())),
+            Base::Quantized { weight, .. } => Some(FrozenWeight::Quantized(weight.clone())),
+            Base::Trainable { .. } => None,
         }
     }
 
     pub fn bias(&self) -> Option<Tensor> {
         match &self.read().base {
-            Base::Frozen { bias, .. } => bias.clone(),
+            Base::Frozen { bias, .. } | Base::Quantized { bias, .. } => bias.clone(),
             Base::Trainable { bias, .. } => bias.as_ref().map(|b| b.as_tensor().clone()),
         }
     }
@@ -205,7 +293,7 @@ impl Linear {
     pub fn trainable_params(&self) -> Option<(Var, Option<Var>)> {
         match &self.read().base {
             Base::Trainable { weight, bias } => Some((weight.clone(), bias.clone())),
-            Base::Frozen { .. } => None,
+            Base::Frozen { .. } | Base::Quantized { .. } => None,
         }
     }
 
@@ -216,8 +304,20 @@ impl Linear {
             Base::Trainable { weight, bias } => {
                 ops::linear_reference(x, weight.as_tensor(), bias.as_ref().map(|b| b.as_tensor()))
             }
-            Base::Frozen { weight, bias } => {
-                let y = ops::frozen_linear(x, weight, bias.as_ref())?;
+            Base::Frozen { .. } | Base::Quantized { .. } => {
+                let y = match &inner.base {
+                    Base::Frozen { weight, bias } | Base::Quantized { merged: Some(weight), bias, .. } => {
+                        ops::frozen_linear(x, weight, bias.as_ref())?
+                    }
+                    Base::Quantized { weight, bias, merged: None } => {
+                        let y = crate::ops_decoder::frozen_qlinear(x, weight)?;
+                        match bias {
+                            Some(b) => y.broadcast_add(b)?,
+                            None => y,
+                        }
+                    }
+                    Base::Trainable { .. } => unreachable!("matched above"),
+                };
                 match (&inner.lora, inner.merged) {
                     (Some(l), false) => {
                         let h = if train && l.dropout > 0.0 {
@@ -255,8 +355,12 @@ impl Linear {
             None => return Err(CoreError::State(format!("{}: no adapter to merge", inner.path))),
             Some(l) => delta(l)?,
         };
-        if let Base::Frozen { weight, .. } = &mut inner.base {
-            *weight = (&*weight + d)?;
+        match &mut inner.base {
+            Base::Frozen { weight, .. } => *weight = (&*weight + d)?,
+            Base::Quantized { weight, merged, .. } => {
+                *merged = Some((weight.dequantize(&candle_core::Device::Cpu)? + d)?)
+            }
+            Base::Trainable { .. } => {}
         }
         inner.merged = true;
         Ok(())
@@ -272,12 +376,27 @@ impl Linear {
             None => return Err(CoreError::State(format!("{}: no adapter to unmerge", inner.path))),
             Some(l) => delta(l)?,
         };
-        if let Base::Frozen { weight, .. } = &mut inner.base {
-            *weight = (&*weight - d)?;
+        match &mut inner.base {
+            Base::Frozen { weight, .. } => *weight = (&*weight - d)?,
+            Base::Quantized { merged, .. } => *merged = None,
+            Base::Trainable { .. } => {}
         }
         inner.merged = false;
         Ok(())
     }
+}
+
+fn check_fit(path: &str, lora: &LoraWeights, out_f: usize, in_f: usize) -> Result<()> {
+    let (r, a_in) = lora.a.as_tensor().dims2()?;
+    let (b_out, b_r) = lora.b.as_tensor().dims2()?;
+    if a_in != in_f || b_out != out_f || b_r != r {
+        return Err(CoreError::State(format!(
+            "{path}: lora_A {:?} / lora_B {:?} do not fit a {out_f}x{in_f} layer",
+            lora.a.as_tensor().dims(),
+            lora.b.as_tensor().dims()
+        )));
+    }
+    Ok(())
 }
 
 fn delta(l: &LoraWeights) -> candle_core::Result<Tensor> {
@@ -328,11 +447,11 @@ mod tests {
         let x = rand(&[2, 4, 5]);
         let y = l.forward(&x, false).unwrap();
         let lw = l.lora().unwrap();
-        let w_eff = (l.weight() + (lw.b.as_tensor().matmul(lw.a.as_tensor()).unwrap() * 2.0).unwrap()).unwrap();
+        let w_eff = (l.weight().unwrap() + (lw.b.as_tensor().matmul(lw.a.as_tensor()).unwrap() * 2.0).unwrap()).unwrap();
         let expect = ops::linear_reference(&x, &w_eff, l.bias().as_ref()).unwrap();
         assert!(max_abs(&y, &expect) < 1e-4);
 
-        let w0 = l.weight();
+        let w0 = l.weight().unwrap();
         l.merge().unwrap();
         assert!(l.merge().is_err());
         let ym = l.forward(&x, false).unwrap();
@@ -340,7 +459,7 @@ mod tests {
         assert!(l.forward(&x, true).is_err(), "training while merged must fail");
         l.unmerge().unwrap();
         assert!(l.unmerge().is_err());
-        assert!(max_abs(&w0, &l.weight()) < 1e-6);
+        assert!(max_abs(&w0, &l.weight().unwrap()) < 1e-6);
     }
 
     #[test]
@@ -355,7 +474,7 @@ mod tests {
             let n: f32 = gv.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
             assert!(n > 0.0);
         }
-        assert!(g.get(&l.weight()).is_none());
+        assert!(g.get(&l.weight().unwrap()).is_none());
     }
 
     #[test]

@@ -434,14 +434,19 @@ impl CustomOp1 for FrozenQLinear {
             candle_core::bail!("frozen-qlinear: input has {k} features, weight expects {in_f}")
         }
         let m = x.len() / in_f.max(1);
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = out_f;
         if m < DEQUANT_GEMM_MIN_ROWS {
-            return CustomOp1::cpu_fwd(&*self.weight, s, l);
+            // f32 activations against blocks dequantized in the dot product;
+            // other block types use candle's 8-bit-activation kernels.
+            return match crate::qgemv::qgemv(&self.weight, x, in_f)? {
+                Some(y) => Ok((CpuStorage::F32(y), Shape::from(out_dims))),
+                None => CustomOp1::cpu_fwd(&*self.weight, s, l),
+            };
         }
         let w = dequantized(&self.weight)?;
         let mut dst = vec![0f32; m * out_f];
         with_f32(&w, "frozen-qlinear", |w| sgemm(m, out_f, in_f, &mut dst, false, x, in_f, 1, w, 1, in_f))?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = out_f;
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
     }
 

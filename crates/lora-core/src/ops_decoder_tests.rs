@@ -77,10 +77,6 @@ fn frozen_qlinear_matches_dequantized_matmul() {
     let wd = q.dequantize(&Device::Cpu).unwrap();
     // Large batch: dequantized GEMM, exact to f32 rounding.
     check(|x| frozen_qlinear(x, &q), |x| crate::ops::linear_reference(x, &wd, None), &[2, 10, 64], 1e-4);
-    // One row: quantized dot products (8-bit activations), close but not exact.
-    let x = randn(&[1, 64], 5);
-    let y = frozen_qlinear(&x, &q).unwrap();
-    let r = crate::ops::linear_reference(&x, &wd, None).unwrap();
-    let scale: f32 = r.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    assert!(max_abs(&y, &r) < 0.02 * scale, "{} vs scale {scale}", max_abs(&y, &r));
+    // One row (decoding): f32 activations against dequantized blocks, exact too.
+    check(|x| frozen_qlinear(x, &q), |x| crate::ops::linear_reference(x, &wd, None), &[1, 64], 1e-4);
 }

@@ -16,6 +16,15 @@ pub trait WeightSource: Send + Sync {
     fn keys(&self) -> Vec<String>;
     /// Shape without loading data, when the format allows.
     fn shape(&self, key: &str) -> Option<Vec<usize>>;
+    /// The tensor in its stored block-quantized form (GGUF), when it is
+    /// quantized; `Ok(None)` for dense tensors and formats without quantization.
+    fn get_quantized(
+        &self,
+        _key: &str,
+        _device: &Device,
+    ) -> Result<Option<std::sync::Arc<candle_core::quantized::QTensor>>> {
+        Ok(None)
+    }
 }
 
 /// One or more memory-mapped safetensors files (sharded checkpoints supported).

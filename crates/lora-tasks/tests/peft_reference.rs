@@ -44,13 +44,13 @@ fn check_adapter(name: &str, key: &str, merged_key: &str) {
     let d = max_abs(&logits, &e[key]);
     assert!(d < 1e-4, "{name}: logits differ from PEFT by {d}");
     // Merged: same logits as PEFT's merge_and_unload, and unmerge restores.
-    let w0: Vec<Tensor> = clf.adapters.lora_layers.iter().map(|l| l.weight()).collect();
+    let w0: Vec<Tensor> = clf.adapters.lora_layers.iter().map(|l| l.weight().unwrap()).collect();
     clf.adapters.merge_all().unwrap();
     let m = clf.model.forward(&inp, false).unwrap();
     assert!(max_abs(&m, &e[merged_key]) < 1e-4, "{name}: merged logits differ");
     clf.adapters.unmerge_all().unwrap();
     for (l, w) in clf.adapters.lora_layers.iter().zip(w0) {
-        assert!(max_abs(&l.weight(), &w) < 1e-6, "unmerge did not restore {}", l.path());
+        assert!(max_abs(&l.weight().unwrap(), &w) < 1e-6, "unmerge did not restore {}", l.path());
     }
 }
 
@@ -107,7 +107,7 @@ fn gradients_reach_every_adapter_tensor_and_frozen_weights_stay() {
         )
         .unwrap();
         let frozen: Vec<(String, Tensor)> =
-            clf.adapters.lora_layers.iter().map(|l| (l.path(), l.weight().copy().unwrap())).collect();
+            clf.adapters.lora_layers.iter().map(|l| (l.path(), l.weight().unwrap().copy().unwrap())).collect();
         let vars = clf.adapters.trainable();
         let expected_layers = if targets == "all-linear" { 2 * 6 + 1 } else { 4 };
         assert_eq!(clf.adapters.lora_layers.len(), expected_layers, "{targets}");
@@ -131,7 +131,7 @@ fn gradients_reach_every_adapter_tensor_and_frozen_weights_stay() {
         }
         for (p, w) in frozen {
             let l = clf.adapters.lora_layers.iter().find(|l| l.path() == p).unwrap();
-            assert_eq!(max_abs(&l.weight(), &w), 0.0, "frozen weight {p} changed");
+            assert_eq!(max_abs(&l.weight().unwrap(), &w), 0.0, "frozen weight {p} changed");
         }
     }
 }

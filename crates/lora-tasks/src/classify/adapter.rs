@@ -235,7 +235,7 @@ pub fn save_classifier(dir: &Path, clf: &Classifier, meta: &TaskMeta) -> Result<
     }
     for h in &clf.adapters.heads {
         let p = h.path();
-        tensors.push((lora_peft::saved_module_key(&p, "weight"), h.weight()));
+        tensors.push((lora_peft::saved_module_key(&p, "weight"), h.weight()?));
         if let Some(b) = h.bias() {
             tensors.push((lora_peft::saved_module_key(&p, "bias"), b));
         }
