@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod fsutil;
+pub mod gen_metrics;
 pub mod labels;
 pub mod metrics;
 pub mod metrics_log;
@@ -13,6 +14,7 @@ pub mod table;
 
 pub use error::{DataError, Result};
 pub use fsutil::write_atomic;
+pub use gen_metrics::{BleuScore, GenMetricsError, GenerationReport};
 pub use labels::{label_ids, split_train_valid, LabelSet};
 pub use metrics::{Avg, ClassMetrics, ClassificationReport};
 pub use metrics_log::{
