@@ -3,6 +3,7 @@
 pub mod bert;
 pub mod error;
 pub mod gguf;
+pub mod gguf_write;
 pub mod hf;
 pub mod llama;
 

@@ -4,9 +4,10 @@
 
 use crate::error::{Result, TaskError};
 use candle_core::{Device, Tensor};
-use lora_core::{AdapterPlan, AdapterSet, LoraConfig, LoraInit, ModelBuilder, Preloaded, TargetSpec};
+use lora_core::{AdapterPlan, AdapterSet, LoraConfig, LoraInit, ModelBuilder, Preloaded};
 use lora_models::{BertClassifier, BertConfig, Head, HfFolder};
 use lora_peft::{AdapterConfig, InitLoraWeights, OneOrMany, TaskType};
+use crate::peft_glue::{read_json, spec_from_peft};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -46,36 +47,6 @@ pub enum AdapterSource<'a> {
     Saved(&'a Path),
     /// The base folder alone (e.g. a merged model with its own classifier).
     None,
-}
-
-fn spec_from_peft(c: &AdapterConfig) -> Result<TargetSpec> {
-    let modules = match &c.target_modules {
-        Some(lora_peft::TargetModules::Names(n)) => lora_core::TargetModules::Names(n.clone()),
-        Some(lora_peft::TargetModules::Regex(r)) => lora_core::TargetModules::Regex(r.clone()),
-        Some(lora_peft::TargetModules::AllLinear) => lora_core::TargetModules::AllLinear,
-        None => return Err(TaskError::Input("adapter_config.json: target_modules is missing".into())),
-    };
-    let mut s = TargetSpec::new(modules);
-    s.layers = c.layers_to_transform.as_ref().map(|l| l.to_vec());
-    s.layers_pattern = c.layers_pattern.as_ref().map(|l| l.to_vec());
-    if let Some(ex) = &c.exclude_modules {
-        match ex {
-            lora_peft::TargetModules::Names(n) => s.exclude = n.clone(),
-            _ => return Err(TaskError::Input("adapter_config.json: exclude_modules as a regex is not supported".into())),
-        }
-    }
-    s.validate()?;
-    Ok(s)
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| TaskError::Input(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| TaskError::Input(format!("{}: {e}", path.display())))
 }
 
 /// Loads base + adapter into a classifier.
