@@ -10,7 +10,7 @@ Workloads (rank 64, float32):
              intermediate.dense, output.dense of the 6 layers: 36 matrices, 384x384 and 1536x384 / 384x1536)
 
 Randomized: 10 oversampling columns, q = 2 and q = 4 power iterations (torch.svd_lowrank(A, q=74, niter=q),
-i.e. the same sketch width). Error: ||A - A_r||_F / ||A||_F; exact SVD gives the optimal one.
+i.e. the same sketch width), fastest of 3 runs; exact SVD once. Error: ||A - A_r||_F / ||A||_F; exact SVD gives the optimal one.
 Writes bench/SVD_RESULTS.md.
 """
 import argparse
@@ -39,11 +39,13 @@ def torch_rows(mats, exact=True):
     for k, a in mats.items():
         row = {"key": k}
         for name, q in [("rsvd_q2", 2), ("rsvd_q4", 4)]:
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
-            u, s, v = torch.svd_lowrank(a, q=RANK + 10, niter=q)
-            u, s, v = u[:, :RANK], s[:RANK], v[:, :RANK]
-            secs = time.perf_counter() - t0
+            secs = float("inf")
+            for _ in range(3):  # fastest of 3 (shared machine), as the Rust side
+                torch.manual_seed(0)
+                t0 = time.perf_counter()
+                u, s, v = torch.svd_lowrank(a, q=RANK + 10, niter=q)
+                u, s, v = u[:, :RANK], s[:RANK], v[:, :RANK]
+                secs = min(secs, time.perf_counter() - t0)
             row[name] = {"seconds": secs, "rel_error": rel(a, (u * s) @ v.T)}
         if exact:
             t0 = time.perf_counter()
@@ -55,7 +57,7 @@ def torch_rows(mats, exact=True):
 
 
 def ours(path, exact=True):
-    cmd = ["cargo", "run", "-q", "--release", "-p", "lora-lowrank", "--example", "svd_bench", "--", path, str(RANK)]
+    cmd = ["cargo", "run", "-q", "-p", "lora-lowrank", "--example", "svd_bench", "--", path, str(RANK)]
     if not exact:
         cmd.append("--no-exact")
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout

@@ -56,7 +56,9 @@ pub struct TrainArgs {
     /// Rank-stabilised scaling alpha/sqrt(r).
     #[arg(long)]
     pub rslora: bool,
-    /// A/B initialisation: kaiming (PEFT default: A uniform, B zero) or gaussian.
+    /// A/B initialisation: kaiming (PEFT default: A uniform, B zero), gaussian, or from the
+    /// weight: pissa, pissa-niter-N (randomized SVD, N power iterations), olora. The last three
+    /// train on the residual base and save a plain LoRA (rank 2r) for the original base.
     #[arg(long, default_value = "kaiming")]
     pub init: String,
     #[arg(long, default_value_t = 3)]
@@ -263,10 +265,13 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     }
     let head = Head::parse(&args.head).map_err(anyhow::Error::msg)?;
     let schedule = Schedule::parse(&args.schedule).map_err(anyhow::Error::msg)?;
-    let init = match args.init.as_str() {
-        "kaiming" => LoraInit::KaimingUniform,
-        "gaussian" => LoraInit::Gaussian,
-        o => bail!("--init {o}: expected kaiming or gaussian"),
+    let (init, weight_init) = match args.init.as_str() {
+        "kaiming" => (LoraInit::KaimingUniform, None),
+        "gaussian" => (LoraInit::Gaussian, None),
+        o => match lora_lowrank::WeightInit::parse(o, args.seed) {
+            Some(w) => (LoraInit::KaimingUniform, Some(w)),
+            None => bail!("--init {o}: expected kaiming, gaussian, pissa, pissa-niter-N or olora"),
+        },
     };
     let (train_ex, valid_ex, train_path, valid_path) = load_split(&args)?;
     let labels = lora_data::LabelSet::from_examples(&train_ex)?;
@@ -279,12 +284,14 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     let device = Device::Cpu;
     let lcfg = LoraConfig { r: args.rank, alpha: args.alpha, dropout: args.dropout, use_rslora: args.rslora, init };
     let targets = TargetSpec::parse(&args.targets)?.with_layers(args.layers.clone());
-    let plan = AdapterPlan::new(lcfg, targets, args.seed);
+    let mut plan = AdapterPlan::new(lcfg, targets, args.seed);
+    plan.weight_init = weight_init.map(lora_lowrank::init::builder_hook);
     let clf = adapter::build_classifier(
         &model_dir,
         AdapterSource::New { plan, labels: labels.names().to_vec(), head },
         &device,
     )?;
+    let initial = weight_init.map(|_| clf.adapters.lora_tensors());
     let texts = |ex: &[lora_data::Example]| ex.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
     let train_set = task::encode(&clf, &texts(&train_ex), train_y, args.max_len)?;
     let valid_set = task::encode(&clf, &texts(&valid_ex), valid_y, args.max_len)?;
@@ -382,6 +389,9 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         }
     };
     write_plots(&out, hooks.best_report.as_ref());
+    if let (Some(init), true) = (&initial, outcome != Outcome::Interrupted) {
+        crate::cmd_lowrank::convert_trained(&out, init, &args.init)?;
+    }
     let secs = t0.elapsed().as_secs_f64();
     let summary = serde_json::json!({
         "outcome": format!("{outcome:?}").to_lowercase(),

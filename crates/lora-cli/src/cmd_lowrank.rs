@@ -403,3 +403,30 @@ fn plot(path: &Path, spectra: &[lora_lowrank::analyze::ModuleSpectrum], sims: Op
     lora_data::plot_curves(path, &title, &series, "index i", "sigma_i / sigma_1")?;
     Ok(())
 }
+
+/// After training with a weight-derived init (PiSSA/OLoRA): the adapter in
+/// `out` holds the trained A, B relative to the residual base. Keeps it in
+/// `out/residual_adapter` (config says the init, as PEFT writes it), writes
+/// the initial factors to `out/initial_adapter` (`init_lora_weights = true`,
+/// PEFT's recipe), and replaces `out`'s adapter by the plain-LoRA conversion
+/// (rank 2r) that PEFT and `lora eval` load on the unmodified base.
+pub fn convert_trained(out: &Path, initial: &[(String, candle_core::Tensor, candle_core::Tensor, f64)], init_name: &str) -> Result<()> {
+    let dev = Device::Cpu;
+    let mut trained = lora_peft::load_adapter(out, &dev)?;
+    let peft_name = init_name.replace("pissa-niter-", "pissa_niter_");
+    trained.config.init_lora_weights = serde_json::from_value(serde_json::json!(peft_name))?;
+    let all: Vec<(String, candle_core::Tensor)> = trained.tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    lora_peft::save_adapter(&out.join("residual_adapter"), &trained.config, &all, &[])?;
+    let mut init = trained.clone();
+    init.config.init_lora_weights = lora_peft::InitLoraWeights::Default;
+    for (path, a, b, _) in initial {
+        init.tensors.insert(lora_peft::lora_key(path, lora_peft::LoraPart::A), a.clone());
+        init.tensors.insert(lora_peft::lora_key(path, lora_peft::LoraPart::B), b.clone());
+    }
+    let init_t: Vec<(String, candle_core::Tensor)> = init.tensors.iter().filter(|(k, _)| lora_peft::parse_lora_key(k).is_some()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    lora_peft::save_adapter(&out.join("initial_adapter"), &init.config, &init_t, &[])?;
+    let (cfg, tensors) = lora_lowrank::convert_to_plain_lora(&init, &trained)?;
+    lora_peft::save_adapter(out, &cfg, &tensors, &[])?;
+    eprintln!("{init_name}: saved a plain LoRA (r={}, alpha={}) for the original base in {} (trained factors on the residual base in residual_adapter/)", cfg.r, cfg.lora_alpha, out.display());
+    Ok(())
+}

@@ -27,6 +27,27 @@ pub struct AdapterPlan {
     pub alpha_pattern: Vec<(String, f64)>,
     /// Seed for initialising A/B (each module gets its own stream).
     pub seed: u64,
+    /// Initial A/B computed from the frozen weight (PiSSA, OLoRA), which
+    /// then also replaces that weight by the residual; None: `config.init`.
+    pub weight_init: Option<WeightInitHook>,
+}
+
+/// `(path, W (out, in), r, scaling) -> (A (r, in), B (out, r), W − s·B·A)`.
+pub type WeightInitFn = dyn Fn(&str, &Tensor, usize, f64) -> Result<(Tensor, Tensor, Tensor)> + Send + Sync;
+
+/// A weight-derived initialisation, supplied from outside the core (the
+/// linear algebra lives in lora-lowrank).
+#[derive(Clone)]
+pub struct WeightInitHook {
+    /// For messages and saved configs (e.g. `pissa`).
+    pub name: String,
+    pub init: Arc<WeightInitFn>,
+}
+
+impl std::fmt::Debug for WeightInitHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightInitHook({})", self.name)
+    }
 }
 
 impl AdapterPlan {
@@ -37,6 +58,7 @@ impl AdapterPlan {
             rank_pattern: vec![],
             alpha_pattern: vec![],
             seed,
+            weight_init: None,
         }
     }
 
@@ -294,7 +316,7 @@ impl ModelBuilder {
         if self.is_saved_module() {
             return self.saved_module(in_f, out_f, bias);
         }
-        let w = self.frozen_weight("weight", &[out_f, in_f])?;
+        let mut w = self.frozen_weight("weight", &[out_f, in_f])?;
         let b = if bias { Some(self.tensor("bias", &[out_f])?) } else { None };
         self.state().linear_paths.push(path.clone());
         let Some(plan) = &self.shared.plan else {
@@ -327,7 +349,15 @@ impl ModelBuilder {
                         max,
                     });
                 }
-                let (a, bm) = init_pair(plan.config.init, r, in_f, out_f, plan.seed, &path, &self.shared.device)?;
+                let s = scaling(plan.alpha_for(&path), r, plan.config.use_rslora);
+                let (a, bm) = match &plan.weight_init {
+                    Some(h) => {
+                        let (a, bm, residual) = (h.init)(&path, &w.dense()?, r, s)?;
+                        w = FrozenWeight::Dense(residual);
+                        (a, bm)
+                    }
+                    None => init_pair(plan.config.init, r, in_f, out_f, plan.seed, &path, &self.shared.device)?,
+                };
                 LoraWeights {
                     a: Var::from_tensor(&a)?,
                     b: Var::from_tensor(&bm)?,

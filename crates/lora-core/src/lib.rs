@@ -11,7 +11,7 @@ pub mod qgemv;
 pub mod target;
 pub mod weights;
 
-pub use builder::{init_pair, AdapterPlan, AdapterSet, ModelBuilder, NamedVar, Preloaded};
+pub use builder::{init_pair, AdapterPlan, AdapterSet, ModelBuilder, NamedVar, Preloaded, WeightInitFn, WeightInitHook};
 pub use error::{CoreError, Result};
 pub use lora::{scaling, FrozenWeight, Linear, LoraConfig, LoraInit, LoraWeights};
 pub use target::{TargetModules, TargetSpec};

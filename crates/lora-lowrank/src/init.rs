@@ -148,3 +148,34 @@ pub(crate) fn pair<'a>(ad: &'a LoadedAdapter, m: &str, what: &str) -> Result<(&'
         missing: format!("lora_B of the {what}"),
     })
 }
+
+impl WeightInit {
+    /// `pissa`, `pissa-niter-N` (or PEFT's `pissa_niter_N`), `olora`; None
+    /// for anything else. `seed` seeds the randomized SVD.
+    pub fn parse(s: &str, seed: u64) -> Option<Self> {
+        match s {
+            "pissa" => Some(WeightInit::Pissa),
+            "olora" => Some(WeightInit::Olora),
+            _ => {
+                let n = s.strip_prefix("pissa-niter-").or_else(|| s.strip_prefix("pissa_niter_"))?;
+                n.parse().ok().map(|niter| WeightInit::PissaNiter { niter, seed })
+            }
+        }
+    }
+}
+
+/// The builder hook that applies `method` to every adapted layer: initial
+/// A/B from the weight, and the residual as the new frozen weight.
+pub fn builder_hook(method: WeightInit) -> lora_core::WeightInitHook {
+    let name = match method {
+        WeightInit::Pissa => "pissa".to_string(),
+        WeightInit::PissaNiter { niter, .. } => format!("pissa_niter_{niter}"),
+        WeightInit::Olora => "olora".to_string(),
+    };
+    lora_core::WeightInitHook {
+        name,
+        init: std::sync::Arc::new(move |path: &str, w: &Tensor, r: usize, s: f64| {
+            init_tensors(path, w, r, s, method).map_err(|e| lora_core::CoreError::InvalidConfig(e.to_string()))
+        }),
+    }
+}

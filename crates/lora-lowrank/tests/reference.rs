@@ -160,3 +160,33 @@ fn combination_errors_are_one_line() {
     let e = w(CombineMethod::Svd { rank: Some(99) });
     assert!(e.contains("rank 99 is out of range for a 32x32 matrix"), "{e}");
 }
+
+#[test]
+fn converted_pissa_on_original_base_equals_trained_on_residual() {
+    use lora_lowrank::init::init_tensors;
+    use lora_lowrank::WeightInit;
+    let t = load("init.safetensors");
+    let (r, alpha) = (4usize, 8.0);
+    let s = alpha / r as f64;
+    for method in [WeightInit::Pissa, WeightInit::Olora, WeightInit::PissaNiter { niter: 2, seed: 1 }] {
+        let (a0, b0, res) = init_tensors("lin", &t["w"], r, s, method).unwrap();
+        // "Training": any change of A and B.
+        let a = (&a0 + (Tensor::ones_like(&a0).unwrap() * 0.01).unwrap()).unwrap();
+        let b = (&b0 * 1.1).unwrap();
+        let mk = |a: &Tensor, b: &Tensor| {
+            let mut cfg = lora_peft::AdapterConfig::new(r, alpha, lora_peft::TargetModules::Names(vec!["lin".into()]));
+            cfg.init_lora_weights = method.peft_value();
+            let mut tensors = std::collections::BTreeMap::new();
+            tensors.insert(lora_peft::lora_key("lin", lora_peft::LoraPart::A), a.clone());
+            tensors.insert(lora_peft::lora_key("lin", lora_peft::LoraPart::B), b.clone());
+            lora_peft::LoadedAdapter { config: cfg, tensors }
+        };
+        let (cfg, tensors) = lora_lowrank::convert_to_plain_lora(&mk(&a0, &b0), &mk(&a, &b)).unwrap();
+        let m: HashMap<String, Tensor> = tensors.into_iter().collect();
+        let (a2, b2) = (&m[&lora_peft::lora_key("lin", lora_peft::LoraPart::A)], &m[&lora_peft::lora_key("lin", lora_peft::LoraPart::B)]);
+        let s2 = cfg.lora_alpha / cfg.r as f64;
+        let trained = (&res + (b.matmul(&a).unwrap() * s).unwrap()).unwrap();
+        let converted = (&t["w"] + (b2.matmul(a2).unwrap() * s2).unwrap()).unwrap();
+        assert!(max_abs(&trained, &converted) < 1e-5, "{method:?}: {}", max_abs(&trained, &converted));
+    }
+}
