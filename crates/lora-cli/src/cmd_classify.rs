@@ -17,13 +17,16 @@ use std::time::Instant;
 
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct TrainArgs {
-    /// Task: classify (text classification). causal-lm is planned.
+    /// Task: classify (text classification) or causal-lm (language modelling on
+    /// plain text, or prompt/response chat data, with a LLaMA-family decoder).
     #[arg(long, default_value = "classify")]
     pub task: String,
-    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
+    /// Base model: a Hugging Face folder (config.json, model.safetensors,
+    /// tokenizer.json) or, for causal-lm, a .gguf file (QLoRA over its quantized weights).
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<PathBuf>,
-    /// Training data: .csv, .tsv or .jsonl.
+    /// Training data: .csv, .tsv or .jsonl (classify); .txt (plain text, packed
+    /// into --block-size blocks) or .jsonl with prompt/response or messages (causal-lm).
     #[arg(long, required_unless_present = "resume")]
     pub train: Option<PathBuf>,
     /// Validation data; when absent, --valid-fraction of --train is held out (seeded, stratified).
@@ -47,9 +50,11 @@ pub struct TrainArgs {
     /// Dropout on the LoRA branch input.
     #[arg(long, default_value_t = 0.1)]
     pub dropout: f32,
-    /// Target modules: names (query,value), all-linear, or re:<regex> over module paths.
-    #[arg(long, default_value = "query,value")]
-    pub targets: String,
+    /// Target modules: names (query,value / q_proj,v_proj), all-linear, or
+    /// re:<regex> over module paths [default: query,value for classify,
+    /// all-linear for causal-lm].
+    #[arg(long)]
+    pub targets: Option<String>,
     /// Only adapt these layer indices (e.g. 0,1,2).
     #[arg(long, value_delimiter = ',')]
     pub layers: Option<Vec<usize>>,
@@ -66,8 +71,9 @@ pub struct TrainArgs {
     /// Stop after this many optimizer steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    #[arg(long, default_value_t = 5e-4)]
-    pub lr: f64,
+    /// Peak learning rate [default: 5e-4 classify, 2e-4 causal-lm].
+    #[arg(long)]
+    pub lr: Option<f64>,
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
     /// Share of steps for linear warm-up.
@@ -82,13 +88,19 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Examples (blocks) per micro-batch [default: 32 classify, 8 causal-lm].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub eval_batch_size: usize,
-    /// Truncate texts to this many tokens (with [CLS]/[SEP]).
+    /// Truncate texts to this many tokens [default: 128 classify (with
+    /// [CLS]/[SEP]), 512 causal-lm chat data].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// causal-lm plain text: tokens per training block.
     #[arg(long, default_value_t = 128)]
-    pub max_len: usize,
+    #[serde(default = "default_block")]
+    pub block_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Evaluate every N steps (default: every epoch).
@@ -96,9 +108,10 @@ pub struct TrainArgs {
     pub eval_every: Option<usize>,
     #[arg(long, default_value_t = 10)]
     pub log_every: usize,
-    /// Metric that selects the best checkpoint: macro_f1, accuracy, weighted_f1 or loss.
-    #[arg(long, default_value = "macro_f1")]
-    pub metric: String,
+    /// Metric that selects the best checkpoint: macro_f1, accuracy, weighted_f1
+    /// or loss (classify); loss or perplexity (causal-lm) [default: macro_f1 / loss].
+    #[arg(long)]
+    pub metric: Option<String>,
     /// Stop after this many evaluations without improvement.
     #[arg(long)]
     pub patience: Option<usize>,
@@ -119,7 +132,42 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-const RUN_FILE: &str = "run_config.json";
+fn default_block() -> usize {
+    128
+}
+
+impl TrainArgs {
+    pub fn is_lm(&self) -> bool {
+        self.task == "causal-lm"
+    }
+
+    /// Fills the per-task defaults of the optional flags.
+    pub fn fill_defaults(&mut self) {
+        let lm = self.is_lm();
+        self.targets.get_or_insert_with(|| if lm { "all-linear" } else { "query,value" }.into());
+        self.metric.get_or_insert_with(|| if lm { "loss" } else { "macro_f1" }.into());
+        self.batch_size.get_or_insert(if lm { 8 } else { 32 });
+        self.lr.get_or_insert(if lm { 2e-4 } else { 5e-4 });
+        self.max_len.get_or_insert(if lm { 512 } else { 128 });
+    }
+    pub fn targets(&self) -> &str {
+        self.targets.as_deref().unwrap_or("query,value")
+    }
+    pub fn metric(&self) -> &str {
+        self.metric.as_deref().unwrap_or("macro_f1")
+    }
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.unwrap_or(32)
+    }
+    pub fn lr(&self) -> f64 {
+        self.lr.unwrap_or(5e-4)
+    }
+    pub fn max_len(&self) -> usize {
+        self.max_len.unwrap_or(128)
+    }
+}
+
+pub(crate) const RUN_FILE: &str = "run_config.json";
 
 fn load_split(args: &TrainArgs) -> Result<(Vec<lora_data::Example>, Vec<lora_data::Example>, PathBuf, PathBuf)> {
     let train_path = args.train.clone().context("--train is required")?;
@@ -143,26 +191,33 @@ fn load_split(args: &TrainArgs) -> Result<(Vec<lora_data::Example>, Vec<lora_dat
 }
 
 fn validate_args(a: &TrainArgs) -> Result<()> {
-    if a.task != "classify" {
-        bail!("--task {}: only 'classify' is available in this version", a.task);
+    if a.task != "classify" && a.task != "causal-lm" {
+        bail!("--task {}: expected classify or causal-lm", a.task);
     }
-    if a.batch_size == 0 || a.eval_batch_size == 0 {
+    if a.batch_size() == 0 || a.eval_batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    if a.max_len < 2 {
-        bail!("--max-len {} is too small (needs room for [CLS] and [SEP])", a.max_len);
+    if a.max_len() < 2 {
+        bail!("--max-len {} is too small (needs room for [CLS] and [SEP])", a.max_len());
+    }
+    if a.block_size < 2 {
+        bail!("--block-size {} must be at least 2", a.block_size);
     }
     if a.epochs == 0 {
         bail!("--epochs must be at least 1");
     }
-    if !(a.lr.is_finite() && a.lr > 0.0) {
-        bail!("--lr {} must be a positive number", a.lr);
+    if !(a.lr().is_finite() && a.lr() > 0.0) {
+        bail!("--lr {} must be a positive number", a.lr());
     }
     if !(0.0..1.0).contains(&a.warmup_ratio) {
         bail!("--warmup-ratio {} must be in [0, 1)", a.warmup_ratio);
     }
-    if !["macro_f1", "accuracy", "weighted_f1", "loss"].contains(&a.metric.as_str()) {
-        bail!("--metric {}: expected macro_f1, accuracy, weighted_f1 or loss", a.metric);
+    if a.is_lm() {
+        if !["loss", "perplexity"].contains(&a.metric()) {
+            bail!("--metric {}: expected loss or perplexity for causal-lm", a.metric());
+        }
+    } else if !["macro_f1", "accuracy", "weighted_f1", "loss"].contains(&a.metric()) {
+        bail!("--metric {}: expected macro_f1, accuracy, weighted_f1 or loss", a.metric());
     }
     Ok(())
 }
@@ -253,7 +308,11 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
             bail!("{}: no checkpoint to resume from", dir.join("checkpoint").display());
         }
     }
+    args.fill_defaults();
     validate_args(&args)?;
+    if args.is_lm() {
+        return crate::cmd_causal::train(args, stop, resuming);
+    }
     let out = args.out.clone().context("--out is required")?;
     let model_dir = args.model.clone().context("--model is required")?;
     if !resuming && out.join(RUN_FILE).exists() && !args.overwrite {
@@ -283,7 +342,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
 
     let device = Device::Cpu;
     let lcfg = LoraConfig { r: args.rank, alpha: args.alpha, dropout: args.dropout, use_rslora: args.rslora, init };
-    let targets = TargetSpec::parse(&args.targets)?.with_layers(args.layers.clone());
+    let targets = TargetSpec::parse(args.targets())?.with_layers(args.layers.clone());
     let mut plan = AdapterPlan::new(lcfg, targets, args.seed);
     plan.weight_init = weight_init.map(lora_lowrank::init::builder_hook);
     let clf = adapter::build_classifier(
@@ -293,8 +352,8 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     )?;
     let initial = weight_init.map(|_| clf.adapters.lora_tensors());
     let texts = |ex: &[lora_data::Example]| ex.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
-    let train_set = task::encode(&clf, &texts(&train_ex), train_y, args.max_len)?;
-    let valid_set = task::encode(&clf, &texts(&valid_ex), valid_y, args.max_len)?;
+    let train_set = task::encode(&clf, &texts(&train_ex), train_y, args.max_len())?;
+    let valid_set = task::encode(&clf, &texts(&valid_ex), valid_y, args.max_len())?;
 
     for n in &clf.adapters.notes {
         eprintln!("note: {n}");
@@ -322,7 +381,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         task: "classify".into(),
         head: head.as_str().into(),
         labels: clf.labels.clone(),
-        max_len: args.max_len,
+        max_len: args.max_len(),
         text_column: args.text_column.clone(),
         label_column: args.label_column.clone(),
         base_model: adapter::base_model_name(&model_dir),
@@ -331,7 +390,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     let tcfg = TrainConfig {
         epochs: args.epochs,
         max_steps: args.max_steps,
-        lr: args.lr,
+        lr: args.lr(),
         schedule,
         warmup_ratio: args.warmup_ratio,
         adamw: lora_train::AdamWConfig { weight_decay: args.weight_decay, ..Default::default() },
@@ -339,8 +398,8 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         grad_accum: args.grad_accum.max(1),
         eval_every: args.eval_every,
         log_every: args.log_every.max(1),
-        metric: args.metric.clone(),
-        greater_is_better: args.metric != "loss",
+        metric: args.metric().to_string(),
+        greater_is_better: args.metric() != "loss",
         patience: args.patience,
         seed: args.seed,
     };
@@ -363,7 +422,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         clf: &clf,
         train: &train_set,
         valid: &valid_set,
-        batch_size: args.batch_size,
+        batch_size: args.batch_size(),
         eval_batch_size: args.eval_batch_size,
         seed: args.seed,
         device: device.clone(),
@@ -398,7 +457,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         "out": out.display().to_string(),
         "steps": trainer.state.step,
         "best_step": trainer.state.best_step,
-        "best_metric": {"name": args.metric, "value": trainer.state.best_metric},
+        "best_metric": {"name": args.metric(), "value": trainer.state.best_metric},
         "trainable_params": trainable,
         "total_params": total,
         "trainable_share": trainable as f64 / total as f64,
@@ -417,7 +476,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
             },
             trainer.state.step,
             secs,
-            args.metric,
+            args.metric(),
             trainer.state.best_metric.unwrap_or(f64::NAN),
             trainer.state.best_step.unwrap_or(0),
             out.display(),
@@ -431,7 +490,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     Ok(0)
 }
 
-fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {
+pub(crate) fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {
     if let Ok(records) = lora_data::read_metrics_log(&out.join("metrics.jsonl")) {
         let loss = lora_data::train_loss_series(&records);
         let valid = lora_data::eval_series(&records);
@@ -449,13 +508,13 @@ fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {
 /// The inputs `eval` and `predict` share.
 #[derive(Args, Debug)]
 pub struct ModelData {
-    /// Base model folder.
+    /// Base model folder (or .gguf file for causal-lm).
     #[arg(long)]
     pub model: PathBuf,
     /// Adapter folder (PEFT format). Without it the model's own head is used (e.g. a merged model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Data: .csv, .tsv or .jsonl.
+    /// Data: .csv, .tsv or .jsonl (classify); .txt or prompt/response .jsonl (causal-lm).
     #[arg(long)]
     pub data: PathBuf,
     /// Text column (default: as trained, else "text").
@@ -470,8 +529,24 @@ pub struct ModelData {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    /// Task: classify (accuracy, P/R/F1, confusion) or causal-lm (perplexity,
+    /// base vs adapter; with prompt/response data also BLEU, chrF, distinct-n).
+    #[arg(long, default_value = "classify")]
+    pub task: String,
     #[command(flatten)]
     pub io: ModelData,
+    /// causal-lm plain text: tokens per perplexity block (default: as trained, else 128).
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// causal-lm chat data: new tokens generated per prompt for BLEU/chrF/distinct-n.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// causal-lm chat data: generate for at most this many prompts (0: skip generation).
+    #[arg(long, default_value_t = 50)]
+    pub generate_limit: usize,
+    /// causal-lm: do not evaluate the base model beside the adapter.
+    #[arg(long)]
+    pub no_base: bool,
     /// Label column (default: as trained, else "label").
     #[arg(long)]
     pub label_column: Option<String>,
@@ -502,6 +577,11 @@ fn columns(clf: &Classifier, text: &Option<String>, label: &Option<String>, max_
 
 /// `lora eval`.
 pub fn eval(a: EvalArgs) -> Result<i32> {
+    match a.task.as_str() {
+        "causal-lm" => return crate::cmd_causal::eval(a),
+        "classify" => {}
+        other => bail!("--task {other}: expected classify or causal-lm"),
+    }
     let t0 = Instant::now();
     let io = &a.io;
     let clf = open_classifier(&io.model, io.adapter.as_deref())?;

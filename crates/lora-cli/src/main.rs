@@ -1,6 +1,7 @@
 //! `lora`: fine-tune, evaluate, merge and inspect LoRA adapters.
 
 mod bench;
+mod cmd_causal;
 mod cmd_classify;
 mod cmd_inspect;
 mod cmd_lowrank;
@@ -39,10 +40,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Train a LoRA adapter (text classification).
+    /// Train a LoRA adapter: text classification or causal-LM fine-tuning (QLoRA on GGUF).
     Train(Box<cmd_classify::TrainArgs>),
-    /// Evaluate an adapter on labelled data: accuracy, per-class P/R/F1, confusion matrix.
+    /// Evaluate: accuracy, per-class P/R/F1, confusion (classify); perplexity, BLEU, chrF (causal-lm).
     Eval(cmd_classify::EvalArgs),
+    /// Generate text from a prompt (greedy or sampled), streaming to the terminal.
+    Generate(cmd_causal::GenerateArgs),
+    /// An interactive conversation using the model's chat template.
+    Chat(cmd_causal::ChatArgs),
     /// Predict labels for a data file; writes JSONL with label, probs and logits.
     Predict(cmd_classify::PredictArgs),
     /// Fold an adapter into the base weights and write a full model folder.
@@ -102,6 +107,8 @@ fn main() {
     let res = match cli.cmd {
         Cmd::Train(a) => cmd_classify::train(*a, &stop),
         Cmd::Eval(a) => cmd_classify::eval(a),
+        Cmd::Generate(a) => cmd_causal::generate_cmd(a),
+        Cmd::Chat(a) => cmd_causal::chat(a),
         Cmd::Predict(a) => cmd_classify::predict(a),
         Cmd::Merge(a) => cmd_merge::merge(a),
         Cmd::Inspect(a) => cmd_inspect::inspect(a),
