@@ -415,6 +415,11 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, ids, timings) instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Also write the prompt's logits at every position (safetensors: logits.0
+    /// [T, V], input_ids.0) to check them against transformers/PEFT
+    /// (scripts/reference/check_peft_llama.py).
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
 }
 
 fn open_for_generation(model: &Path, adapter: Option<&Path>, merge: bool) -> Result<CausalLm> {
@@ -446,6 +451,14 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<i32> {
         a.prompt.clone()
     };
     let ids = lm.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
+    if let Some(p) = &a.dump_logits {
+        let x = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let logits = lm.model.forward(&x, None, false)?.squeeze(0)?;
+        let ids_t = candle_core::Tensor::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+        let map: std::collections::HashMap<String, candle_core::Tensor> =
+            [("logits.0".to_string(), logits), ("input_ids.0".to_string(), ids_t)].into_iter().collect();
+        candle_core::safetensors::save(&map, p).with_context(|| format!("{}: cannot write", p.display()))?;
+    }
     let cfg = a.sampling.config();
     let stdout = std::io::stdout();
     let g = if a.json {

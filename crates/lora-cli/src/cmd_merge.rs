@@ -17,12 +17,20 @@ pub struct MergeArgs {
     /// Adapter folder (PEFT format).
     #[arg(long)]
     pub adapter: PathBuf,
-    /// Output model folder (config.json, model.safetensors, tokenizer files).
+    /// Output: a model folder (config.json, model.safetensors, tokenizer files),
+    /// or for a decoder a `.gguf` file (llama.cpp).
     #[arg(long)]
     pub out: PathBuf,
+    /// Decoder to GGUF: weight type of the output (same = each matrix in its
+    /// base type, e.g. Q4_1 re-quantized after merging; f32; f16; q8_0; q4_0; q4_1).
+    #[arg(long, default_value = "same")]
+    pub dtype: String,
 }
 
 pub fn merge(a: MergeArgs) -> Result<i32> {
+    if crate::cmd_decoder_io::is_decoder(&a.model) {
+        return crate::cmd_decoder_io::merge(&a.model, &a.adapter, &a.out, &a.dtype);
+    }
     let dev = Device::Cpu;
     let clf = adapter::build_classifier(&a.model, AdapterSource::Saved(&a.adapter), &dev)?;
     clf.adapters.merge_all()?;

@@ -3,6 +3,7 @@
 mod bench;
 mod cmd_causal;
 mod cmd_classify;
+mod cmd_decoder_io;
 mod cmd_inspect;
 mod cmd_lowrank;
 mod cmd_merge;
@@ -50,8 +51,10 @@ enum Cmd {
     Chat(cmd_causal::ChatArgs),
     /// Predict labels for a data file; writes JSONL with label, probs and logits.
     Predict(cmd_classify::PredictArgs),
-    /// Fold an adapter into the base weights and write a full model folder.
+    /// Fold an adapter into the base weights: a full model folder, or GGUF for decoders.
     Merge(cmd_merge::MergeArgs),
+    /// Write a decoder adapter for llama.cpp (GGUF LoRA adapter, `--lora FILE`).
+    Export(cmd_decoder_io::ExportArgs),
     /// Show what a model or adapter folder holds.
     Inspect(cmd_inspect::InspectArgs),
     /// Fixed-shape training and inference benchmark (MiniLM shape by default).
@@ -111,6 +114,7 @@ fn main() {
         Cmd::Chat(a) => cmd_causal::chat(a),
         Cmd::Predict(a) => cmd_classify::predict(a),
         Cmd::Merge(a) => cmd_merge::merge(a),
+        Cmd::Export(a) => cmd_decoder_io::export(a),
         Cmd::Inspect(a) => cmd_inspect::inspect(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Extract(a) => cmd_lowrank::extract(a),

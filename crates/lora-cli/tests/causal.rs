@@ -88,6 +88,23 @@ fn text_training_lowers_perplexity_and_generation_agrees_merged() {
     assert_eq!(u["ids"], m["ids"]);
     assert_eq!(u["ids"].as_array().unwrap().len(), 12);
 
+    // Merged models, as a Hugging Face folder and as GGUF (f32), give the same tokens.
+    let hf = dir.join("merged-hf");
+    lora(args!["merge", "--model", tiny_llama(), "--adapter", &out, "--out", &hf]).ok();
+    let gg = dir.join("merged.gguf");
+    lora(args!["merge", "--model", tiny_llama(), "--adapter", &out, "--out", &gg, "--dtype", "f32"]).ok();
+    for m in [&hf, &gg] {
+        let j = lora(args!["generate", "--model", m, "--prompt", "the cat", "--max-new-tokens", "12", "--json"]).ok().json();
+        assert_eq!(j["ids"], u["ids"], "merged model {}", m.display());
+    }
+    // llama.cpp adapter: lora_a / lora_b pairs for all 14 modules.
+    let ga = dir.join("adapter.gguf");
+    lora(args!["export", "--model", tiny_llama(), "--adapter", &out, "--out", &ga]).ok();
+    let f = lora_models::GgufFile::open(&ga).unwrap();
+    assert_eq!(f.content.tensor_infos.len(), 28);
+    assert!(f.content.tensor_infos.contains_key("blk.0.attn_q.weight.lora_a"));
+    assert_eq!(f.meta_str("adapter.type").unwrap(), "lora");
+
     // eval: adapter beside base on held-out text.
     let valid = dir.file("valid.txt", text().replace("cat", "dog"));
     let e = lora(args!["eval", "--task", "causal-lm", "--model", tiny_llama(), "--adapter", &out, "--data", &valid, "--json"]).ok().json();
