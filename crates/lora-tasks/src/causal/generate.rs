@@ -235,3 +235,49 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], cfg: &SamplingConfig, on_text
         decode_seconds: (total - prefill).max(0.0),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(t: f64) -> SamplingConfig {
+        SamplingConfig { temperature: t, ..Default::default() }
+    }
+
+    #[test]
+    fn greedy_top_k_and_top_p() {
+        let logits = vec![0.0f32, 3.0, 1.0, 2.9];
+        assert_eq!(Sampler::new(cfg(0.0)).next(&mut logits.clone(), &[]), 1);
+        // top-k 1 is greedy at any temperature.
+        let mut s = Sampler::new(SamplingConfig { top_k: Some(1), ..cfg(5.0) });
+        assert!((0..50).all(|_| s.next(&mut logits.clone(), &[]) == 1));
+        // top-p keeps the smallest set reaching p: tokens 1 and 3 only.
+        let mut s = Sampler::new(SamplingConfig { top_p: Some(0.8), ..cfg(1.0) });
+        let picks: Vec<u32> = (0..200).map(|_| s.next(&mut logits.clone(), &[])).collect();
+        assert!(picks.iter().all(|&p| p == 1 || p == 3));
+        assert!(picks.contains(&1) && picks.contains(&3));
+        // Same seed, same draws.
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingConfig { seed, ..cfg(1.0) });
+            (0..20).map(|_| s.next(&mut logits.clone(), &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+    }
+
+    #[test]
+    fn repetition_penalty_as_transformers() {
+        let mut l = vec![2.0f32, -1.0, 1.9];
+        let mut s = Sampler::new(SamplingConfig { repetition_penalty: 2.0, ..cfg(0.0) });
+        assert_eq!(s.next(&mut l, &[0, 1]), 2);
+        assert_eq!(l, vec![1.0, -2.0, 1.9]);
+    }
+
+    #[test]
+    fn stop_prefixes_are_held_back() {
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(held_back("hello\nUs", &stops), 3);
+        assert_eq!(held_back("hello", &stops), 0);
+        assert!(SamplingConfig { top_p: Some(0.0), ..cfg(1.0) }.validate().is_err());
+        assert!(SamplingConfig { temperature: -1.0, ..cfg(1.0) }.validate().is_err());
+    }
+}
