@@ -11,6 +11,9 @@ use lora_tasks::classify::adapter::{build_classifier, AdapterSource};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// Task heads, never factored by `compress` (BERT classifier, LLaMA score/lm_head).
+const HEADS: [&str; 3] = ["classifier", "score", "lm_head"];
+
 /// `--rank R` or `--energy E` (exactly one).
 #[derive(Args, Debug, Clone)]
 #[group(required = true, multiple = false)]
@@ -76,7 +79,7 @@ pub struct ExtractArgs {
     #[arg(long, default_value = "all-linear")]
     pub targets: String,
     /// Head modules copied whole when new or changed (PEFT modules_to_save).
-    #[arg(long, value_delimiter = ',', default_value = "classifier")]
+    #[arg(long, value_delimiter = ',', default_value = "classifier,score,lm_head")]
     pub heads: Vec<String>,
     #[command(flatten)]
     pub solver: SolverArgs,
@@ -242,7 +245,7 @@ pub fn compress(a: CompressArgs) -> Result<i32> {
     let rule = a.rank.rule()?;
     let targets = TargetSpec::parse(&a.targets)?;
     let model = ModelWeights::open(&a.model)?;
-    let rep = lora_lowrank::compress::compress_model(&model, &targets, &["classifier".to_string()], rule, a.solver.solver(), &a.out)?;
+    let rep = lora_lowrank::compress::compress_model(&model, &targets, &HEADS.map(String::from), rule, a.solver.solver(), &a.out)?;
     let secs = t0.elapsed().as_secs_f64();
     let acc = match &a.eval {
         Some(data) => Some((accuracy(&a.model, a.adapter.as_deref(), data, &a.text_column, &a.label_column)?, accuracy(&a.out, a.adapter.as_deref(), data, &a.text_column, &a.label_column)?)),

@@ -114,7 +114,7 @@ pub fn combine(inputs: &[Weighted<'_>], method: CombineMethod) -> Result<(Adapte
             })
             .collect::<Result<_>>()?;
         let (a, b) = match method {
-            CombineMethod::Cat => cat(m, &present, new_rank)?,
+            CombineMethod::Cat => cat(&present, new_rank)?,
             CombineMethod::Svd { .. } => svd(m, &present, new_rank)?,
             CombineMethod::Linear | CombineMethod::Ties { .. } => arithmetic(m, &present, method)?,
         };
@@ -174,7 +174,7 @@ fn new_config(inputs: &[Weighted<'_>], new_rank: usize, out: &mut Vec<(String, T
 
 type Present<'a, 'b> = (&'a Weighted<'b>, &'a Tensor, &'a Tensor, f64);
 
-fn cat(m: &str, present: &[Present<'_, '_>], new_rank: usize) -> Result<(Tensor, Tensor)> {
+fn cat(present: &[Present<'_, '_>], new_rank: usize) -> Result<(Tensor, Tensor)> {
     let mut a_parts = vec![];
     let mut b_parts = vec![];
     for (w, a, b, s) in present {
@@ -190,7 +190,6 @@ fn cat(m: &str, present: &[Present<'_, '_>], new_rank: usize) -> Result<(Tensor,
         let zb = Tensor::zeros((out_f, new_rank - r), DType::F32, b.device())?;
         return Ok((Tensor::cat(&[&a, &za], 0)?, Tensor::cat(&[&b, &zb], 1)?));
     }
-    let _ = m;
     Ok((a, b))
 }
 

@@ -69,7 +69,7 @@ pub fn compress_model(model: &ModelWeights, targets: &TargetSpec, heads: &[Strin
         before += t.elem_count();
         let module = key.strip_suffix(".weight").unwrap_or(&key).to_string();
         let head = heads.iter().any(|h| key.starts_with(&format!("{h}.")));
-        let linear = key.ends_with(".weight") && t.rank() == 2 && !module.contains("embeddings") && !head;
+        let linear = key.ends_with(".weight") && t.rank() == 2 && !module.contains("embed") && !head;
         if !(linear && targets.matches(&module, false)) {
             after += t.elem_count();
             factored.insert(orig.clone(), t.clone());

@@ -9,7 +9,7 @@
 
 use crate::error::{check_rank, LowRankError, Result};
 use crate::svd::{exact_svd, mat_to_tensor, rank_for_energy, retained_energy, tensor_to_mat, truncated_svd, SvdSolver};
-use crate::source::{canonical, ModelWeights};
+use crate::source::ModelWeights;
 use candle_core::{Device, Tensor};
 use faer::Mat;
 use lora_core::TargetSpec;
@@ -117,7 +117,7 @@ pub struct ExtractReport {
 }
 
 /// Extracts every target module of two models. Linear weights are the 2-D
-/// `*.weight` tensors outside embeddings; `heads` (e.g. `classifier`) are
+/// `*.weight` tensors outside embeddings (keys containing `embed`); `heads` (e.g. `classifier`) are
 /// copied whole when the tuned model has them and they are new or changed.
 pub fn extract(base: &ModelWeights, tuned: &ModelWeights, targets: &TargetSpec, heads: &[String], rule: RankRule, solver: SvdSolver) -> Result<ExtractReport> {
     rule.validate()?;
@@ -150,7 +150,7 @@ pub fn extract(base: &ModelWeights, tuned: &ModelWeights, targets: &TargetSpec, 
             return Err(LowRankError::Missing { module: k.clone(), present: tuned.name(), missing: base.name() });
         }
         let shape = tuned.shape(k).unwrap_or_default();
-        let linear = k.ends_with(".weight") && shape.len() == 2 && !module.contains("embeddings");
+        let linear = k.ends_with(".weight") && shape.len() == 2 && !module.contains("embed");
         if linear && targets.matches(module, false) {
             let b = base.get_required(k, &dev)?;
             let t = tuned.get_required(k, &dev)?;
@@ -233,6 +233,5 @@ pub fn to_adapter(rep: &ExtractReport, base_model: &str) -> (AdapterConfig, Vec<
             }
         }
     }
-    let _ = canonical;
     (cfg, tensors)
 }
