@@ -417,7 +417,10 @@ struct FrozenQLinear {
 }
 
 fn dequantized(w: &QTensor) -> Result<Tensor> {
-    w.dequantize(&candle_core::Device::Cpu)
+    match crate::qgemv::dequantize(w)? {
+        Some(v) => Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu),
+        None => w.dequantize(&candle_core::Device::Cpu),
+    }
 }
 
 impl CustomOp1 for FrozenQLinear {
