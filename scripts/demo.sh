@@ -1,14 +1,24 @@
 #!/usr/bin/env bash
-# The main job: fine-tune a LoRA sentiment classifier on the real
-# all-MiniLM-L6-v2 encoder and the VADER movie-review sentences, then evaluate
-# it on the held-out test split. Fetches and caches the model and data first
-# (scripts/fetch_assets.sh), builds the release binary, trains, evaluates.
+# The main job, both task families on real models and data:
+#  1. classify: fine-tune a LoRA sentiment classifier on the real
+#     all-MiniLM-L6-v2 encoder and the VADER movie-review sentences, then
+#     evaluate it on the held-out test split;
+#  2. lm: QLoRA on SmolLM2-135M-Instruct (4-bit GGUF) over Jane Austen's
+#     novels, held-out perplexity before/after, samples (scripts/demo_lm.sh).
+# Fetches and caches models and data first (scripts/fetch_assets.sh), builds
+# the release binary.
 #
-# Usage: scripts/demo.sh [extra `lora train` flags, e.g. --epochs 1]
+# Usage: scripts/demo.sh [classify|lm|all] [extra `lora train` flags, e.g. --epochs 1]
 # Output: runs/sentiment-minilm/ (adapter in PEFT format, metrics.jsonl,
 #         training.svg, confusion_valid.svg, confusion_test.svg, test_report.json)
+#         and runs/austen-smollm2/ (see scripts/demo_lm.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PART=all
+case "${1:-}" in
+  classify|lm|all) PART=$1; shift ;;
+esac
+if [ "$PART" = lm ]; then exec scripts/demo_lm.sh "$@"; fi
 CACHE=${LORA_CACHE:-$HOME/.cache/lora-rs}
 OUT=${OUT:-runs/sentiment-minilm}
 
@@ -32,3 +42,4 @@ $LORA eval --model "$MODEL" --adapter "$OUT" --data "$DATA/test.csv" --plot "$OU
 $LORA eval --model "$MODEL" --adapter "$OUT" --data "$DATA/test.csv" --json > "$OUT/test_report.json"
 $LORA inspect "$OUT"
 echo "[demo] done: adapter, metrics and plots in $OUT"
+if [ "$PART" = all ]; then scripts/demo_lm.sh; fi

@@ -78,7 +78,7 @@ pub fn export(a: ExportArgs) -> Result<i32> {
     ];
     gguf_write::write_gguf(&a.out, &meta, &tensors)?;
     eprintln!(
-        "wrote {} ({} LoRA pairs, alpha {alpha}); use: llama-cli -m {} --lora {}",
+        "wrote {} ({} LoRA pairs, alpha {alpha}); use: llama-completion -no-cnv -m {} --lora {}",
         a.out.display(),
         tensors.len() / 2,
         a.model.display(),

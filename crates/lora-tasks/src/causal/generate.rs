@@ -73,7 +73,11 @@ impl Generation {
         (self.ids.len().saturating_sub(1)) as f64 / self.decode_seconds.max(1e-9)
     }
     pub fn prefill_tokens_per_s(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
+        if self.prefill_seconds > 0.0 {
+            self.prompt_tokens as f64 / self.prefill_seconds
+        } else {
+            0.0
+        }
     }
 }
 
