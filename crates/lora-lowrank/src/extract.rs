@@ -125,8 +125,10 @@ pub fn extract(base: &ModelWeights, tuned: &ModelWeights, targets: &TargetSpec, 
     let mut rep = ExtractReport::default();
     let tuned_keys = tuned.keys();
     let base_keys = base.keys();
+    // A target weight of the base missing from the tuned model means the two
+    // are different models; other tensors (buffers such as position_ids) may be absent.
     for k in &base_keys {
-        if !tuned_keys.contains(k) && !is_head(k, heads) {
+        if !tuned_keys.contains(k) && !is_head(k, heads) && is_linear(k, base.shape(k).as_deref()) && targets.matches(k.trim_end_matches(".weight"), false) {
             return Err(LowRankError::Missing { module: k.clone(), present: base.name(), missing: tuned.name() });
         }
     }
@@ -149,9 +151,7 @@ pub fn extract(base: &ModelWeights, tuned: &ModelWeights, targets: &TargetSpec, 
         if !base_keys.contains(k) {
             return Err(LowRankError::Missing { module: k.clone(), present: tuned.name(), missing: base.name() });
         }
-        let shape = tuned.shape(k).unwrap_or_default();
-        let linear = k.ends_with(".weight") && shape.len() == 2 && !module.contains("embed");
-        if linear && targets.matches(module, false) {
+        if is_linear(k, tuned.shape(k).as_deref()) && targets.matches(module, false) {
             let b = base.get_required(k, &dev)?;
             let t = tuned.get_required(k, &dev)?;
             rep.modules.push(extract_module(module, &b, &t, rule, solver)?);
@@ -165,16 +165,21 @@ pub fn extract(base: &ModelWeights, tuned: &ModelWeights, targets: &TargetSpec, 
     Ok(rep)
 }
 
+/// A linear layer's weight: 2-D `*.weight` outside embedding tables.
+fn is_linear(key: &str, shape: Option<&[usize]>) -> bool {
+    key.ends_with(".weight") && shape.map(|s| s.len() == 2).unwrap_or(false) && !key.contains("embed")
+}
+
 fn rep_dropped(rep: &mut ExtractReport, base: &ModelWeights, tuned: &ModelWeights, k: &str) -> Result<()> {
     let dev = Device::Cpu;
-    if let (Some(b), Some(t)) = (base.get(k, &dev)?, tuned.get(k, &dev)?) {
-        if b.dims() != t.dims() {
-            return Err(LowRankError::ShapeMismatch { module: k.into(), base: b.dims().to_vec(), tuned: t.dims().to_vec() });
-        }
-        let r = delta_rel(&b, &t)?;
-        if r > 0.0 {
-            rep.dropped.push((k.to_string(), r));
-        }
+    // Non-float buffers (position_ids) cannot be read as f32: nothing to report.
+    let (Ok(Some(b)), Ok(Some(t))) = (base.get(k, &dev), tuned.get(k, &dev)) else { return Ok(()) };
+    if b.dims() != t.dims() {
+        return Err(LowRankError::ShapeMismatch { module: k.into(), base: b.dims().to_vec(), tuned: t.dims().to_vec() });
+    }
+    let r = delta_rel(&b, &t)?;
+    if r > 0.0 {
+        rep.dropped.push((k.to_string(), r));
     }
     Ok(())
 }
