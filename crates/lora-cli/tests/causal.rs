@@ -140,6 +140,25 @@ fn chat_training_learns_responses_and_reports_bleu() {
     assert!(gen["chrf"].as_f64().unwrap() > rows[0]["generation"]["chrf"].as_f64().unwrap(), "{e}");
 }
 
+#[test]
+fn chat_reads_turns_from_stdin() {
+    use std::io::Write;
+    let dir = TempDir::new("lm-chat-repl");
+    let model = chat_model(&dir);
+    let (mut c, _) = command(args!["chat", "--model", &model, "--max-new-tokens", "4"]);
+    let mut child = c
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello\n/reset\nhow are you\n/exit\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two answers, one line each.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+}
+
 // ---- bad input ----
 
 fn s(p: &Path) -> String {
@@ -187,6 +206,18 @@ fn bad_decoder_input_gets_one_line_errors() {
     let bert_adapter = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-bert-peft/adapter");
     lora(args!["generate", "--model", tiny_llama(), "--adapter", &bert_adapter, "--prompt", "hi"])
         .clean_error(&["SEQ_CLS"]);
+    // An adapter whose shapes do not fit this model: the module and shapes are named.
+    let peft = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama-peft/adapter");
+    let wrong = dir.join("wrong-adapter");
+    copy_dir(&peft, &wrong);
+    let mut t = candle_core::safetensors::load(wrong.join("adapter_model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    t.insert(key.to_string(), candle_core::Tensor::zeros((4, 32), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap());
+    candle_core::safetensors::save(&t, wrong.join("adapter_model.safetensors")).unwrap();
+    lora(args!["generate", "--model", tiny_llama(), "--adapter", &wrong, "--prompt", "hi"])
+        .clean_error(&["model.layers.0.self_attn.q_proj"]);
+    // The PEFT adapter itself fits and runs.
+    lora(args!["generate", "--model", tiny_llama(), "--adapter", &peft, "--prompt", "hi", "--max-new-tokens", "2"]).ok();
     // Bad sampling values.
     lora(args!["generate", "--model", tiny_llama(), "--prompt", "hi", "--top-p", "1.5"]).clean_error(&["--top-p"]);
 }
