@@ -92,6 +92,25 @@ unsafe fn chunk_avx2(dtype: GgmlDType, w: &[u8], row_bytes: usize, x: &[f32], su
     chunk(dtype, w, row_bytes, x, sums, k, lo, hi, out)
 }
 
+/// The same, compiled for AVX-512 (one 16-lane register holds the accumulators).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_avx512(dtype: GgmlDType, w: &[u8], row_bytes: usize, x: &[f32], sums: &[Vec<f32>], k: usize, lo: usize, hi: usize, out: &mut [f32]) {
+    chunk(dtype, w, row_bytes, x, sums, k, lo, hi, out)
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -107,6 +126,8 @@ fn run(dtype: GgmlDType, w: &[u8], row_bytes: usize, x: &[f32], k: usize, n: usi
     let m = x.len() / k;
     let sums: Vec<Vec<f32>> = (0..m).map(|r| block_sums(&x[r * k..(r + 1) * k])).collect();
     let avx2 = has_avx2();
+    // Opt-in until measured faster than AVX2 on a quiet machine.
+    let avx512 = has_avx512() && std::env::var_os("LORA_QGEMV_AVX512").is_some();
     // dst is (m, n); work is split over output features.
     const CHUNK: usize = 64;
     let cols: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(CHUNK))
@@ -116,12 +137,18 @@ fn run(dtype: GgmlDType, w: &[u8], row_bytes: usize, x: &[f32], k: usize, n: usi
             let hi = n.min(lo + CHUNK);
             let mut out = vec![0f32; (hi - lo) * m];
             #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: the CPU supports the enabled features (checked in has_avx512).
+                unsafe { chunk_avx512(dtype, w, row_bytes, x, &sums, k, lo, hi, &mut out) };
+                return (lo, out);
+            }
+            #[cfg(target_arch = "x86_64")]
             if avx2 {
                 // SAFETY: the CPU supports the enabled features (checked in has_avx2).
                 unsafe { chunk_avx2(dtype, w, row_bytes, x, &sums, k, lo, hi, &mut out) };
                 return (lo, out);
             }
-            let _ = avx2;
+            let _ = (avx2, avx512);
             chunk(dtype, w, row_bytes, x, &sums, k, lo, hi, &mut out);
             (lo, out)
         })
