@@ -34,7 +34,7 @@ theirs() {
 import re,sys
 t=sys.stdin.read()
 p=re.search(r"prompt eval time =.*?([0-9.]+) tokens per second", t)
-e=re.search(r"\n.*?\beval time =.*?([0-9.]+) tokens per second", t)
+e=re.search(r"(?<!prompt) eval time =.*?([0-9.]+) tokens per second", t)
 print(p.group(1) if p else "nan", e.group(1) if e else "nan")'
 }
 for i in $(seq "$R"); do

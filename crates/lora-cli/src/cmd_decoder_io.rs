@@ -113,9 +113,13 @@ fn parse_dtype(s: &str) -> Result<Option<GgmlDType>> {
 
 /// `lora merge` for a decoder: `out` ending in `.gguf` writes GGUF (weights at
 /// `dtype`, or each in its base type for `same`), otherwise a Hugging Face folder.
-pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<i32> {
+pub fn merge(model: &Path, adapter: Option<&Path>, out: &Path, dtype: &str) -> Result<i32> {
     let target = parse_dtype(dtype)?;
-    let lm = build_causal(model, LmAdapter::Saved(adapter), &Device::Cpu)?;
+    let src = match adapter {
+        Some(a) => LmAdapter::Saved(a),
+        None => LmAdapter::None,
+    };
+    let lm = build_causal(model, src, &Device::Cpu)?;
     lm.adapters.merge_all()?;
     let merged: HashMap<String, Tensor> =
         lm.adapters.lora_layers.iter().map(|l| Ok((format!("{}.weight", l.path()), l.weight()?))).collect::<Result<_>>()?;
@@ -170,7 +174,11 @@ pub fn merge(model: &Path, adapter: &Path, out: &Path, dtype: &str) -> Result<i3
             }
         };
         gguf_write::write_gguf(out, &meta, &tensors)?;
-        eprintln!("merged {} adapted matrices into {}", merged.len(), out.display());
+        if adapter.is_some() {
+            eprintln!("merged {} adapted matrices into {}", merged.len(), out.display());
+        } else {
+            eprintln!("converted {} into {}", model.display(), out.display());
+        }
         return Ok(0);
     }
     // Hugging Face folder: every tensor in f32, Hugging Face names and layout.

@@ -14,9 +14,10 @@ pub struct MergeArgs {
     /// Base model folder.
     #[arg(long)]
     pub model: PathBuf,
-    /// Adapter folder (PEFT format).
+    /// Adapter folder (PEFT format). A decoder may be converted without one
+    /// (e.g. a 4-bit GGUF to an f32 GGUF or a Hugging Face folder).
     #[arg(long)]
-    pub adapter: PathBuf,
+    pub adapter: Option<PathBuf>,
     /// Output: a model folder (config.json, model.safetensors, tokenizer files),
     /// or for a decoder a `.gguf` file (llama.cpp).
     #[arg(long)]
@@ -29,10 +30,11 @@ pub struct MergeArgs {
 
 pub fn merge(a: MergeArgs) -> Result<i32> {
     if crate::cmd_decoder_io::is_decoder(&a.model) {
-        return crate::cmd_decoder_io::merge(&a.model, &a.adapter, &a.out, &a.dtype);
+        return crate::cmd_decoder_io::merge(&a.model, a.adapter.as_deref(), &a.out, &a.dtype);
     }
+    let adapter_dir = a.adapter.clone().context("--adapter is required for an encoder")?;
     let dev = Device::Cpu;
-    let clf = adapter::build_classifier(&a.model, AdapterSource::Saved(&a.adapter), &dev)?;
+    let clf = adapter::build_classifier(&a.model, AdapterSource::Saved(&adapter_dir), &dev)?;
     clf.adapters.merge_all()?;
     // Every base tensor (any dtype), renamed to BertForSequenceClassification's keys.
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
