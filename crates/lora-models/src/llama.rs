@@ -274,6 +274,9 @@ impl Llama {
     /// `cache.len()..` (or 0.. without a cache) -> (B, T, C).
     pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
+        if t == 0 {
+            return Err(ModelError::Config { path: "input".into(), msg: "no tokens to run the model on".into() });
+        }
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let max = self.config.max_position_embeddings;
         if offset + t > max {
