@@ -169,7 +169,7 @@ fn bad_numeric_options() {
         ("--schedule", "sawtooth"),
         ("--init", "zeros"),
         ("--head", "max"),
-        ("--task", "causal-lm"),
+        ("--task", "translate"),
     ]
     .into_iter()
     .enumerate()
