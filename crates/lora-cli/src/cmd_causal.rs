@@ -283,7 +283,7 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
     let first = with.as_ref().or(base.as_ref()).context("no model")?;
     let meta = with.as_ref().and_then(|m| m.meta.clone());
     let block = a.block_size.or(meta.as_ref().map(|m| m.block_size)).unwrap_or(128);
-    let max_len = io.max_len.or(meta.as_ref().map(|m| m.max_len)).unwrap_or(512);
+    let max_len = io.max_len.or(meta.as_ref().map(|m| m.max_len)).unwrap_or(256);
     let fmt = LmFormat::of(&io.data)?;
     let (examples, convs) = match fmt {
         LmFormat::Text => (lmdata::text_blocks(&first.tokenizer, &io.data, block)?, vec![]),

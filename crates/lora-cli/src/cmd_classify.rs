@@ -94,7 +94,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 64)]
     pub eval_batch_size: usize,
     /// Truncate texts to this many tokens [default: 128 classify (with
-    /// [CLS]/[SEP]), 512 causal-lm chat data].
+    /// [CLS]/[SEP]), 256 causal-lm chat data; attention memory grows with
+    /// batch x length², ~0.3 GB per 8 x 256 batch on SmolLM2].
     #[arg(long)]
     pub max_len: Option<usize>,
     /// causal-lm plain text: tokens per training block.
@@ -148,7 +149,7 @@ impl TrainArgs {
         self.metric.get_or_insert_with(|| if lm { "loss" } else { "macro_f1" }.into());
         self.batch_size.get_or_insert(if lm { 8 } else { 32 });
         self.lr.get_or_insert(if lm { 2e-4 } else { 5e-4 });
-        self.max_len.get_or_insert(if lm { 512 } else { 128 });
+        self.max_len.get_or_insert(if lm { 256 } else { 128 });
     }
     pub fn targets(&self) -> &str {
         self.targets.as_deref().unwrap_or("query,value")
