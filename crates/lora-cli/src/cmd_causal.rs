@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
 use lora_core::{AdapterPlan, LoraConfig, LoraInit, TargetSpec};
-use lora_data::{EvalRecord as LogEval, MetricsLog, TrainRecord};
+use lora_data::{EvalRecord as LogEval, MetricsLog};
 use lora_tasks::causal::data::{self as lmdata, LmExample, LmFormat, Message};
 use lora_tasks::causal::generate::{generate, SamplingConfig};
 use lora_tasks::causal::{build_causal, CausalLm, LmAdapter, LmMeta, LmTask};
@@ -72,23 +72,7 @@ impl Hooks for LmHooks<'_> {
     }
 
     fn on_step(&mut self, r: &lora_train::StepRecord, logged: bool) {
-        self.bar.set_position(r.step as u64);
-        self.bar.set_message(format!("epoch {:.2} loss {:.4} lr {:.2e}", r.epoch, r.loss, r.lr));
-        if logged {
-            let _ = self.log.log_train(TrainRecord {
-                step: r.step as u64,
-                epoch: r.epoch,
-                loss: r.loss,
-                lr: r.lr,
-                samples_per_s: r.samples_per_s,
-            });
-            if !ui::interactive() && !self.quiet {
-                eprintln!(
-                    "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} {:.2} sequences/s",
-                    r.step, r.total_steps, r.epoch, r.loss, r.lr, r.samples_per_s
-                );
-            }
-        }
+        crate::cmd_classify::report_step(&self.bar, &mut self.log, r, logged, self.quiet, "sequences");
     }
 
     fn on_eval(&mut self, r: &lora_train::EvalRecord, improved: bool) -> lora_train::Result<()> {
@@ -437,6 +421,17 @@ fn open_for_generation(model: &Path, adapter: Option<&Path>, merge: bool) -> Res
     Ok(lm)
 }
 
+/// Generates with the text streamed to stdout as it becomes final, then a newline.
+fn generate_to_stdout(lm: &CausalLm, ids: &[u32], cfg: &SamplingConfig) -> lora_tasks::Result<lora_tasks::causal::generate::Generation> {
+    let mut out = std::io::stdout().lock();
+    let g = generate(lm, ids, cfg, &mut |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    Ok(g)
+}
+
 /// `lora generate`.
 pub fn generate_cmd(a: GenerateArgs) -> Result<i32> {
     let lm = open_for_generation(&a.model, a.adapter.as_deref(), a.merge)?;
@@ -460,18 +455,7 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<i32> {
         candle_core::safetensors::save(&map, p).with_context(|| format!("{}: cannot write", p.display()))?;
     }
     let cfg = a.sampling.config();
-    let stdout = std::io::stdout();
-    let g = if a.json {
-        generate(&lm, &ids, &cfg, &mut |_| {})?
-    } else {
-        let mut out = stdout.lock();
-        let g = generate(&lm, &ids, &cfg, &mut |s| {
-            let _ = out.write_all(s.as_bytes());
-            let _ = out.flush();
-        })?;
-        let _ = writeln!(out);
-        g
-    };
+    let g = if a.json { generate(&lm, &ids, &cfg, &mut |_| {})? } else { generate_to_stdout(&lm, &ids, &cfg)? };
     if a.json {
         let mut v = serde_json::to_value(&g)?;
         v["prefill_tokens_per_s"] = serde_json::json!(g.prefill_tokens_per_s());
@@ -538,11 +522,7 @@ pub fn chat(a: ChatArgs) -> Result<i32> {
         }
         msgs.push(Message { role: "user".into(), content: input.to_string() });
         let ids = lm.tokenizer.encode(tpl.render(&msgs, true)?.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
-        let mut out = std::io::stdout().lock();
-        let g = match generate(&lm, &ids, &cfg, &mut |s| {
-            let _ = out.write_all(s.as_bytes());
-            let _ = out.flush();
-        }) {
+        let g = match generate_to_stdout(&lm, &ids, &cfg) {
             Ok(g) => g,
             Err(e) => {
                 eprintln!("error: {e}");
@@ -550,7 +530,6 @@ pub fn chat(a: ChatArgs) -> Result<i32> {
                 continue;
             }
         };
-        let _ = writeln!(out);
         msgs.push(Message { role: "assistant".into(), content: g.text.trim().to_string() });
     }
     Ok(0)

@@ -242,23 +242,7 @@ impl Hooks for TrainHooks<'_> {
     }
 
     fn on_step(&mut self, r: &lora_train::StepRecord, logged: bool) {
-        self.bar.set_position(r.step as u64);
-        self.bar.set_message(format!("epoch {:.2} loss {:.4} lr {:.2e}", r.epoch, r.loss, r.lr));
-        if logged {
-            let _ = self.log.log_train(TrainRecord {
-                step: r.step as u64,
-                epoch: r.epoch,
-                loss: r.loss,
-                lr: r.lr,
-                samples_per_s: r.samples_per_s,
-            });
-            if !ui::interactive() && !self.quiet {
-                eprintln!(
-                    "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} {:.1} samples/s",
-                    r.step, r.total_steps, r.epoch, r.loss, r.lr, r.samples_per_s
-                );
-            }
-        }
+        report_step(&self.bar, &mut self.log, r, logged, self.quiet, "samples");
     }
 
     fn on_eval(&mut self, r: &lora_train::EvalRecord, improved: bool) -> lora_train::Result<()> {
@@ -489,6 +473,35 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         return Ok(130);
     }
     Ok(0)
+}
+
+/// Progress bar, `metrics.jsonl` and (when not on a terminal) a log line for
+/// one optimizer step; `unit` names what the rate counts.
+pub(crate) fn report_step(
+    bar: &indicatif::ProgressBar,
+    log: &mut MetricsLog,
+    r: &lora_train::StepRecord,
+    logged: bool,
+    quiet: bool,
+    unit: &str,
+) {
+    bar.set_position(r.step as u64);
+    bar.set_message(format!("epoch {:.2} loss {:.4} lr {:.2e}", r.epoch, r.loss, r.lr));
+    if logged {
+        let _ = log.log_train(TrainRecord {
+            step: r.step as u64,
+            epoch: r.epoch,
+            loss: r.loss,
+            lr: r.lr,
+            samples_per_s: r.samples_per_s,
+        });
+        if !ui::interactive() && !quiet {
+            eprintln!(
+                "step {}/{} epoch {:.2} loss {:.4} lr {:.2e} {:.2} {unit}/s",
+                r.step, r.total_steps, r.epoch, r.loss, r.lr, r.samples_per_s
+            );
+        }
+    }
 }
 
 pub(crate) fn write_plots(out: &Path, best: Option<&lora_data::ClassificationReport>) {

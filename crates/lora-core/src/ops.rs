@@ -267,7 +267,7 @@ pub fn layer_norm_reference(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64)
 // Softmax over the last dim.
 // ---------------------------------------------------------------------------
 
-struct Softmax;
+pub(crate) struct Softmax;
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -565,11 +565,11 @@ pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -582,7 +582,7 @@ mod tests {
             .unwrap()
     }
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let n: usize = shape.iter().product();
@@ -592,7 +592,7 @@ mod tests {
 
     /// Checks forward values and input gradients of `fast` against `reference`
     /// under a random linear functional of the output.
-    fn check(
+    pub(crate) fn check(
         fast: impl Fn(&Tensor) -> Result<Tensor>,
         reference: impl Fn(&Tensor) -> Result<Tensor>,
         shape: &[usize],

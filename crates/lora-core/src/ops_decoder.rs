@@ -212,22 +212,10 @@ impl CustomOp1 for CausalSoftmax {
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let h = res.dims().last().copied().unwrap_or(1);
-        let y = res.contiguous()?;
-        let g = grad.contiguous()?;
-        let mut dx = vec![0f32; y.elem_count()];
-        with_f32(&y, "causal-softmax-bwd", |y| {
-            with_f32(&g, "causal-softmax-bwd", |g| {
-                dx.par_chunks_mut(h).zip(y.par_chunks(h).zip(g.par_chunks(h))).for_each(|(d, (y, g))| {
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for i in 0..h {
-                        d[i] = y[i] * (g[i] - dot);
-                    }
-                })
-            })
-        })??;
-        Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
+    /// Masked entries are exactly 0 in the output, so the softmax backward
+    /// gives them zero gradient too.
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        crate::ops::Softmax.bwd(arg, res, grad)
     }
 }
 

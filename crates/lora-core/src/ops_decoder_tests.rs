@@ -1,31 +1,6 @@
 use super::*;
-use candle_core::{Device, Tensor, Var};
-
-fn randn(shape: &[usize], seed: u64) -> Tensor {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-/// Forward values and input gradients of `fast` against `reference` under a
-/// random linear functional of the output.
-fn check(fast: impl Fn(&Tensor) -> Result<Tensor>, reference: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize], tol: f32) {
-    let x = Var::from_tensor(&randn(shape, 1)).unwrap();
-    let yf = fast(x.as_tensor()).unwrap();
-    let yr = reference(x.as_tensor()).unwrap();
-    assert!(max_abs(&yf, &yr) < tol, "forward differs: {}", max_abs(&yf, &yr));
-    let w = randn(yf.dims(), 2);
-    let gf = (yf * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    let gr = (yr * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    let (gf, gr) = (gf.get(&x).unwrap(), gr.get(&x).unwrap());
-    assert!(max_abs(gf, gr) < tol, "grad differs: {}", max_abs(gf, gr));
-}
+use crate::ops::tests::{check, randn};
+use candle_core::{Device, Var};
 
 #[test]
 fn rms_norm_matches_reference() {

@@ -3,11 +3,11 @@
 //! with `labels.json` and `lora_task.json` beside it.
 
 use crate::error::{Result, TaskError};
-use candle_core::{Device, Tensor};
-use lora_core::{AdapterPlan, AdapterSet, LoraConfig, LoraInit, ModelBuilder, Preloaded};
+use candle_core::Device;
+use lora_core::{AdapterPlan, AdapterSet, ModelBuilder};
 use lora_models::{BertClassifier, BertConfig, Head, HfFolder};
-use lora_peft::{AdapterConfig, InitLoraWeights, OneOrMany, TaskType};
-use crate::peft_glue::{read_json, spec_from_peft};
+use lora_peft::TaskType;
+use crate::peft_glue::read_json;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -65,32 +65,9 @@ pub fn build_classifier(model_dir: &Path, source: AdapterSource, device: &Device
             (labels, head, None)
         }
         AdapterSource::Saved(dir) => {
-            let loaded = lora_peft::load_adapter(dir, device)?;
+            let (loaded, plan, mut pre) = crate::peft_glue::saved_plan(dir, TaskType::SeqCls, device)?;
             let c = &loaded.config;
-            if let Some(t) = &c.task_type {
-                if *t != TaskType::SeqCls {
-                    return Err(TaskError::Input(format!(
-                        "{}: task_type={} but a sequence-classification adapter (SEQ_CLS) is needed",
-                        dir.join("adapter_config.json").display(),
-                        t.as_str()
-                    )));
-                }
-            }
-            if c.init_lora_weights.mutates_base_weights() {
-                return Err(TaskError::Input(format!(
-                    "{}: init_lora_weights={} changes the base weights when PEFT loads it; convert it to a plain LoRA first (PEFT: path_initial_model_for_weight_conversion)",
-                    dir.join("adapter_config.json").display(),
-                    c.init_lora_weights.to_value()
-                )));
-            }
             let meta: Option<TaskMeta> = read_json(&dir.join(TASK_FILE))?;
-            let mut pre = Preloaded::default();
-            for m in loaded.lora_modules() {
-                let (a, b) = loaded.lora_pair(&m).ok_or_else(|| {
-                    TaskError::Input(format!("{}: lora_B missing for {m}", dir.display()))
-                })?;
-                pre.lora.insert(m, (a.clone(), b.clone()));
-            }
             let mut num_labels = None;
             for (m, params) in loaded.saved_modules() {
                 let w = params.get("weight").cloned().ok_or_else(|| {
@@ -123,16 +100,6 @@ pub fn build_classifier(model_dir: &Path, source: AdapterSource, device: &Device
                 Some(m) => Head::parse(&m.head).map_err(TaskError::Input)?,
                 None => Head::Pooler,
             };
-            let lc = LoraConfig {
-                r: c.r,
-                alpha: c.lora_alpha,
-                dropout: c.lora_dropout as f32,
-                use_rslora: c.use_rslora,
-                init: LoraInit::KaimingUniform,
-            };
-            let mut plan = AdapterPlan::new(lc, spec_from_peft(c)?, 0);
-            plan.rank_pattern = c.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect();
-            plan.alpha_pattern = c.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect();
             vb = vb
                 .with_adapter(Some(plan))
                 .with_modules_to_save(&c.modules_to_save.clone().unwrap_or_else(|| vec!["classifier".into()]))
@@ -168,42 +135,9 @@ fn default_labels(config: &BertConfig, n: usize) -> Vec<String> {
 
 /// Writes the adapter in PEFT's format plus our task files, atomically.
 pub fn save_classifier(dir: &Path, clf: &Classifier, meta: &TaskMeta) -> Result<()> {
-    let plan = clf
-        .adapters
-        .plan
-        .as_ref()
-        .ok_or_else(|| TaskError::Input("no adapter to save".into()))?;
-    let paths: Vec<String> = clf.adapters.lora_layers.iter().map(|l| l.path()).collect();
-    let names = match plan.targets.names_for_config(&paths) {
-        lora_core::TargetModules::Names(n) => lora_peft::TargetModules::Names(n),
-        lora_core::TargetModules::Regex(r) => lora_peft::TargetModules::Regex(r),
-        lora_core::TargetModules::AllLinear => lora_peft::TargetModules::AllLinear,
-    };
-    let mut c = AdapterConfig::new(plan.config.r, plan.config.alpha, names);
-    c.task_type = Some(TaskType::SeqCls);
-    c.base_model_name_or_path = Some(meta.base_model.clone());
-    c.lora_dropout = (plan.config.dropout as f64 * 1e6).round() / 1e6;
-    c.use_rslora = plan.config.use_rslora;
+    let mut c = crate::peft_glue::adapter_config(&clf.adapters, TaskType::SeqCls, &meta.base_model)?;
     c.modules_to_save = Some(vec!["classifier".into()]);
-    c.inference_mode = true;
-    c.init_lora_weights = match plan.config.init {
-        LoraInit::KaimingUniform => InitLoraWeights::Default,
-        LoraInit::Gaussian => InitLoraWeights::Gaussian,
-        LoraInit::Random => InitLoraWeights::Random,
-    };
-    c.layers_to_transform = plan.targets.layers.clone().map(OneOrMany::Many);
-    c.layers_pattern = plan.targets.layers_pattern.clone().map(OneOrMany::Many);
-    for (p, r) in clf.adapters.ranks() {
-        if r != plan.config.r {
-            c.rank_pattern.insert(p, r);
-        }
-    }
-    c.alpha_pattern = plan.alpha_pattern.iter().cloned().collect();
-    let mut tensors: Vec<(String, Tensor)> = vec![];
-    for (path, a, b, _) in clf.adapters.lora_tensors() {
-        tensors.push((lora_peft::lora_key(&path, lora_peft::LoraPart::A), a));
-        tensors.push((lora_peft::lora_key(&path, lora_peft::LoraPart::B), b));
-    }
+    let mut tensors = crate::peft_glue::lora_tensor_list(&clf.adapters);
     for h in &clf.adapters.heads {
         let p = h.path();
         tensors.push((lora_peft::saved_module_key(&p, "weight"), h.weight()?));
