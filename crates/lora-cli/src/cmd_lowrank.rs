@@ -9,6 +9,7 @@ use lora_lowrank::analyze::{analyze_adapter, compare_adapters};
 use lora_lowrank::{CombineMethod, MajoritySign, ModelWeights, RankRule, RsvdParams, SvdSolver, Weighted};
 use lora_tasks::classify::adapter::{build_classifier, AdapterSource};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 /// Task heads, never factored by `compress` (BERT classifier, LLaMA score/lm_head).
@@ -50,7 +51,7 @@ pub struct SolverArgs {
     /// Randomized SVD: oversampling columns.
     #[arg(long, default_value_t = 10)]
     pub oversample: usize,
-    /// Randomized SVD: seed of the Gaussian sketch.
+    /// Seed of the randomized SVD's Gaussian sketch (and of compress's recovery fine-tune).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -235,28 +236,97 @@ pub struct CompressArgs {
     /// Text column for --eval.
     #[arg(long, default_value = "text")]
     pub text_column: String,
+    /// Recover accuracy: after compressing, fine-tune a LoRA adapter on the
+    /// compressed classifier with this labelled data (same columns as --eval),
+    /// then fold it into the output exactly (factored matrices grow by
+    /// --recover-rank: [B | s*B_l][A ; A_l]; the head is replaced). The run
+    /// (adapter, metrics, plots) stays in OUT/recovery.
+    #[arg(long)]
+    pub recover_train: Option<PathBuf>,
+    /// Optimizer steps of the recovery fine-tune.
+    #[arg(long, default_value_t = 200)]
+    pub recover_steps: usize,
+    /// LoRA rank of the recovery fine-tune.
+    #[arg(long, default_value_t = 8)]
+    pub recover_rank: usize,
+    /// Target modules of the recovery fine-tune.
+    #[arg(long, default_value = "all-linear")]
+    pub recover_targets: String,
+    /// Learning rate of the recovery fine-tune.
+    #[arg(long, default_value_t = 5e-4)]
+    pub recover_lr: f64,
+    /// Batch size of the recovery fine-tune.
+    #[arg(long, default_value_t = 32)]
+    pub recover_batch_size: usize,
+    /// Max tokens per text of the recovery fine-tune.
+    #[arg(long, default_value_t = 128)]
+    pub recover_max_len: usize,
     #[arg(long)]
     pub json: bool,
 }
 
+/// Runs `lora train` (classification) with these arguments.
+fn run_train(args: Vec<String>, stop: &AtomicBool) -> Result<i32> {
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        a: crate::cmd_classify::TrainArgs,
+    }
+    let w = <Wrap as clap::Parser>::try_parse_from(std::iter::once("lora-train".to_string()).chain(args)).map_err(|e| anyhow::anyhow!("recovery arguments: {}", e.to_string().lines().next().unwrap_or("")))?;
+    crate::cmd_classify::train(w.a, stop)
+}
+
 /// `lora compress`.
-pub fn compress(a: CompressArgs) -> Result<i32> {
+pub fn compress(a: CompressArgs, stop: &AtomicBool) -> Result<i32> {
     let t0 = Instant::now();
     let rule = a.rank.rule()?;
     let targets = TargetSpec::parse(&a.targets)?;
     let model = ModelWeights::open(&a.model)?;
+    if a.recover_train.is_some() {
+        if a.adapter.is_some() {
+            bail!("--recover-train works on a merged classifier: merge --adapter into the model first (lora merge), then compress that");
+        }
+        if a.recover_steps == 0 {
+            bail!("--recover-steps 0: must be at least 1");
+        }
+        if a.recover_rank == 0 {
+            bail!("--recover-rank 0: must be at least 1");
+        }
+    }
     let rep = lora_lowrank::compress::compress_model(&model, &targets, &HEADS.map(String::from), rule, a.solver.solver(), &a.out)?;
-    let secs = t0.elapsed().as_secs_f64();
     let acc = match &a.eval {
         Some(data) => Some((accuracy(&a.model, a.adapter.as_deref(), data, &a.text_column, &a.label_column)?, accuracy(&a.out, a.adapter.as_deref(), data, &a.text_column, &a.label_column)?)),
         None => None,
     };
+    let recovery = match &a.recover_train {
+        Some(train) => Some(recover(&a, train, stop)?),
+        None => None,
+    };
+    let recovered_acc = match (&a.eval, &recovery) {
+        (Some(data), Some(_)) => Some(accuracy(&a.out, None, data, &a.text_column, &a.label_column)?),
+        _ => None,
+    };
+    let secs = t0.elapsed().as_secs_f64();
     let ratio = rep.params_before as f64 / rep.params_after.max(1) as f64;
+    let recovered_ratio = recovery.as_ref().map(|f| rep.params_before as f64 / f.params_after.max(1) as f64);
+    if let Some(f) = &recovery {
+        let path = a.out.join("lowrank.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        v["recovery"] = serde_json::json!({
+            "train": a.recover_train, "steps": a.recover_steps, "rank": a.recover_rank,
+            "targets": a.recover_targets, "lr": a.recover_lr, "fold": f,
+            "accuracy_before_recovery": acc.map(|x| x.1), "accuracy_after_recovery": recovered_acc,
+        });
+        lora_data::write_atomic(&path, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
     if a.json {
         let mut v = serde_json::to_value(&rep)?;
         v["compression_ratio"] = serde_json::json!(ratio);
         v["accuracy_before"] = serde_json::json!(acc.map(|x| x.0));
         v["accuracy_after"] = serde_json::json!(acc.map(|x| x.1));
+        v["recovery"] = serde_json::json!(recovery);
+        v["compression_ratio_recovered"] = serde_json::json!(recovered_ratio);
+        v["accuracy_recovered"] = serde_json::json!(recovered_acc);
         v["seconds"] = serde_json::json!(secs);
         println!("{v}");
         return Ok(0);
@@ -269,8 +339,56 @@ pub fn compress(a: CompressArgs) -> Result<i32> {
     if let Some((b, c)) = acc {
         println!("accuracy    {b:.4} -> {c:.4}");
     }
+    if let (Some(f), Some(r)) = (&recovery, recovered_ratio) {
+        println!(
+            "recovery    LoRA r={} on {} modules for {} steps, folded into the factors: parameters {} ({r:.2}x), {} bytes",
+            a.recover_rank,
+            f.grown + f.added,
+            a.recover_steps,
+            f.params_after,
+            f.bytes_after
+        );
+        if let Some(x) = recovered_acc {
+            println!("accuracy    {x:.4} after recovery");
+        }
+    }
     println!("wrote {} ({secs:.1}s)", a.out.display());
     Ok(0)
+}
+
+/// The recovery fine-tune: LoRA on the compressed model in `a.out`, run in
+/// `a.out/recovery`, then folded into the compressed folder.
+fn recover(a: &CompressArgs, train: &Path, stop: &AtomicBool) -> Result<lora_lowrank::compress::FoldReport> {
+    let run = a.out.join("recovery");
+    let s = |p: &Path| p.display().to_string();
+    let args: Vec<String> = vec![
+        "--task".into(), "classify".into(),
+        "--model".into(), s(&a.out),
+        "--train".into(), s(train),
+        "--out".into(), s(&run),
+        "--overwrite".into(),
+        "--text-column".into(), a.text_column.clone(),
+        "--label-column".into(), a.label_column.clone(),
+        "--max-steps".into(), a.recover_steps.to_string(),
+        // --max-steps decides; the epoch count only has to be large enough.
+        "--epochs".into(), a.recover_steps.to_string(),
+        "--rank".into(), a.recover_rank.to_string(),
+        "--alpha".into(), (2 * a.recover_rank).to_string(),
+        "--targets".into(), a.recover_targets.clone(),
+        "--lr".into(), a.recover_lr.to_string(),
+        "--batch-size".into(), a.recover_batch_size.to_string(),
+        "--max-len".into(), a.recover_max_len.to_string(),
+        "--seed".into(), a.solver.seed.to_string(),
+    ];
+    if !a.json {
+        eprintln!("recovery fine-tune: LoRA r={} on {} of the compressed model, {} steps, into {}", a.recover_rank, a.recover_targets, a.recover_steps, run.display());
+    }
+    let code = run_train(args, stop)?;
+    if code != 0 {
+        bail!("recovery fine-tune stopped (exit {code}); {} holds the compressed model without recovery, {} the run (lora train --resume continues it)", a.out.display(), run.display());
+    }
+    let ad = lora_peft::load_adapter(&run, &Device::Cpu)?;
+    Ok(lora_lowrank::compress::fold_adapter(&a.out, &ad)?)
 }
 
 /// Accuracy of `model` (+ `adapter`) on labelled `data`.

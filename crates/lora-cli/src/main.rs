@@ -119,7 +119,7 @@ fn main() {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Extract(a) => cmd_lowrank::extract(a),
         Cmd::Combine(a) => cmd_lowrank::combine(a),
-        Cmd::Compress(a) => cmd_lowrank::compress(a),
+        Cmd::Compress(a) => cmd_lowrank::compress(a, &stop),
         Cmd::Analyze(a) => cmd_lowrank::analyze(a),
         Cmd::Convert(a) => cmd_lowrank::convert(a),
     };

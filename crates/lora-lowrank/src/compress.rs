@@ -142,3 +142,81 @@ fn save(t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
 fn io(p: &Path, e: std::io::Error) -> LowRankError {
     LowRankError::Io { path: p.display().to_string(), msg: e.to_string() }
 }
+
+/// What [`fold_adapter`] changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoldReport {
+    /// Factored modules whose factors grew by the adapter's rank.
+    pub grown: usize,
+    /// Dense modules the update was added to.
+    pub added: usize,
+    /// Tensors of `modules_to_save` (e.g. the classifier head) replaced.
+    pub replaced: usize,
+    /// Parameters of the compact model after folding.
+    pub params_after: usize,
+    /// Size of `lowrank.safetensors` after folding.
+    pub bytes_after: u64,
+}
+
+/// Folds a LoRA adapter trained on a compressed model (the recovery
+/// fine-tune) into the compressed folder `dir`, exactly:
+/// - a factored module `W ≈ B·A` gets `W' = B·A + s·B_l·A_l = [B | s·B_l]·[A ; A_l]`
+///   (its factors grow by the adapter's rank, no approximation);
+/// - a module kept dense gets `W + s·B_l·A_l`;
+/// - `modules_to_save` tensors (the head) replace the folder's.
+///
+/// Both `lowrank.safetensors` and the multiplied-out `model.safetensors` are
+/// rewritten (atomically); `lowrank.json` is left to the caller.
+pub fn fold_adapter(dir: &Path, adapter: &lora_peft::LoadedAdapter) -> Result<FoldReport> {
+    let dev = Device::Cpu;
+    let model = ModelWeights::open(dir)?;
+    let lowrank_path = dir.join(FACTORED_NAME);
+    let mut factored: HashMap<String, Tensor> = candle_core::safetensors::load(&lowrank_path, &dev)?.into_iter().collect();
+    let dense_path = dir.join("model.safetensors");
+    let mut dense: HashMap<String, Tensor> = candle_core::safetensors::load(&dense_path, &dev)?.into_iter().collect();
+    let (mut grown, mut added, mut replaced) = (0, 0, 0);
+    for module in adapter.lora_modules() {
+        let (a_l, b_l) = adapter.lora_pair(&module).expect("listed module has a pair");
+        let s = adapter.config.scaling_for(&module);
+        let key = format!("{module}.weight");
+        let orig = model.original_key(&key).ok_or_else(|| LowRankError::Missing { module: module.clone(), present: "the adapter".into(), missing: model.name() })?.to_string();
+        let stem = orig.strip_suffix(".weight").unwrap_or(&orig).to_string();
+        let b_s = (b_l.to_dtype(candle_core::DType::F32)? * s)?;
+        let a_l = a_l.to_dtype(candle_core::DType::F32)?;
+        let delta = b_s.matmul(&a_l)?;
+        let w = dense.get(&orig).ok_or_else(|| LowRankError::Missing { module: module.clone(), present: "the adapter".into(), missing: dense_path.display().to_string() })?;
+        if delta.dims() != w.dims() {
+            return Err(LowRankError::Input(format!("{module}: the adapter's update is {:?} but the weight is {:?}", delta.dims(), w.dims())));
+        }
+        let w_new = (w.to_dtype(candle_core::DType::F32)? + &delta)?;
+        dense.insert(orig.clone(), w_new.clone());
+        let (ka, kb) = (format!("{stem}.lowrank_A"), format!("{stem}.lowrank_B"));
+        match (factored.get(&ka), factored.get(&kb)) {
+            (Some(a), Some(b)) => {
+                let a2 = Tensor::cat(&[a, &a_l], 0)?;
+                let b2 = Tensor::cat(&[b, &b_s], 1)?;
+                factored.insert(ka, a2);
+                factored.insert(kb, b2);
+                grown += 1;
+            }
+            _ => {
+                factored.insert(orig, w_new);
+                added += 1;
+            }
+        }
+    }
+    for (module, params) in adapter.saved_modules() {
+        for (p, t) in params {
+            let key = format!("{module}.{p}");
+            let orig = model.original_key(&key).unwrap_or(&key).to_string();
+            dense.insert(orig.clone(), t.clone());
+            factored.insert(orig, t);
+            replaced += 1;
+        }
+    }
+    save(&factored, &lowrank_path)?;
+    save(&dense, &dense_path)?;
+    let params_after = factored.values().map(|t| t.elem_count()).sum();
+    let bytes_after = std::fs::metadata(&lowrank_path).map(|m| m.len()).unwrap_or(0);
+    Ok(FoldReport { grown, added, replaced, params_after, bytes_after })
+}
