@@ -68,3 +68,59 @@ fn bad_inputs_give_one_line_errors() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Max-abs difference of two `--dump-logits` files.
+fn logits_diff(a: &Path, b: &Path) -> f32 {
+    let dev = candle_core::Device::Cpu;
+    let la = candle_core::safetensors::load(a, &dev).unwrap()["logits.0"].clone();
+    let lb = candle_core::safetensors::load(b, &dev).unwrap()["logits.0"].clone();
+    (la - lb).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn decoder_compress_then_extract_from_gguf() {
+    let d = tmp("decoder");
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let (comp, gguf, ad) = (d.join("comp"), d.join("tiny.gguf"), d.join("ad"));
+    let (l_comp, l_ad, l_base) = (d.join("comp.st"), d.join("ad.st"), d.join("base.st"));
+    let tiny = "tests/fixtures/tiny-llama/model";
+    // Compress the decoder's attention and MLP projections (not lm_head, not embeddings).
+    let (c, out, e) = lora(&["compress", "--model", tiny, "--rank", "4", "--out", &s(&comp), "--json"]);
+    assert_eq!(c, 0, "{e}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let mods: Vec<&str> = v["modules"].as_array().unwrap().iter().map(|m| m["module"].as_str().unwrap()).collect();
+    assert_eq!(mods.len(), 14, "{mods:?}");
+    assert!(mods.iter().all(|m| m.contains("self_attn") || m.contains("mlp")), "{mods:?}");
+    // The same base as an f32 GGUF (llama.cpp's layout), then the difference
+    // GGUF -> compressed folder extracted in full: base.gguf + adapter == compressed.
+    let (c, _, e) = lora(&["merge", "--model", tiny, "--out", &s(&gguf), "--dtype", "f32"]);
+    assert_eq!(c, 0, "{e}");
+    let (c, _, e) = lora(&["extract", "--base", &s(&gguf), "--tuned", &s(&comp), "--energy", "1.0", "--out", &s(&ad)]);
+    assert_eq!(c, 0, "{e}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ad.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    let gen = |model: &PathBuf, adapter: Option<&PathBuf>, dump: &PathBuf| {
+        let mut a = vec!["generate".to_string(), "--model".into(), s(model), "--prompt".into(), "the cat sat on".into(), "--max-new-tokens".into(), "6".into(), "--json".into(), "--dump-logits".into(), s(dump)];
+        if let Some(ad) = adapter {
+            a.extend(["--adapter".to_string(), s(ad)]);
+        }
+        let r: Vec<&str> = a.iter().map(|x| x.as_str()).collect();
+        let (c, out, e) = lora(&r);
+        assert_eq!(c, 0, "{e}");
+        serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["ids"].clone()
+    };
+    let g_comp = gen(&comp, None, &l_comp);
+    let g_ad = gen(&gguf, Some(&ad), &l_ad);
+    gen(&gguf, None, &l_base);
+    // Tolerance: the full-rank SVD of dW in f32 and the unmerged adapter's
+    // other summation order; the compression itself moves the logits ~100x more.
+    let (diff, moved) = (logits_diff(&l_comp, &l_ad), logits_diff(&l_comp, &l_base));
+    assert!(diff < 5e-4, "compressed folder vs GGUF base + extracted adapter: logits differ by {diff}");
+    assert!(moved > 100.0 * diff, "the compression changed the model: {moved} vs {diff}");
+    assert_eq!(g_comp, g_ad);
+    // A GGUF is not compressed in place: one line naming the way.
+    let (c, _, e) = lora(&["compress", "--model", &s(&gguf), "--rank", "4", "--out", &s(&d.join("x"))]);
+    assert_eq!(c, 1);
+    assert!(e.starts_with("error: ") && e.trim().lines().count() == 1 && e.contains("lora merge"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -58,6 +58,13 @@ pub struct CompressReport {
 /// Compresses the target linear weights of `model` into `out_dir`.
 pub fn compress_model(model: &ModelWeights, targets: &TargetSpec, heads: &[String], rule: RankRule, solver: SvdSolver, out_dir: &Path) -> Result<CompressReport> {
     rule.validate()?;
+    if model.gguf {
+        return Err(LowRankError::Input(format!(
+            "{}: compress writes a Hugging Face folder; convert the GGUF first (lora merge --model {} --out DIR --dtype f32 writes DIR as a folder when DIR does not end in .gguf), then compress DIR",
+            model.name(),
+            model.name()
+        )));
+    }
     let dev = Device::Cpu;
     let mut dense: HashMap<String, Tensor> = HashMap::new();
     let mut factored: HashMap<String, Tensor> = HashMap::new();

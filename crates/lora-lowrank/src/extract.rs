@@ -114,6 +114,8 @@ pub struct ExtractReport {
     pub saved: BTreeMap<String, BTreeMap<String, Tensor>>,
     /// Other tensors that changed but are not captured: (key, ‖Δ‖/‖base‖).
     pub dropped: Vec<(String, f64)>,
+    /// The base is a decoder-only language model (the adapter is CAUSAL_LM).
+    pub decoder: bool,
 }
 
 /// Extracts every target module of two models. Linear weights are the 2-D
@@ -122,7 +124,7 @@ pub struct ExtractReport {
 pub fn extract(base: &ModelWeights, tuned: &ModelWeights, targets: &TargetSpec, heads: &[String], rule: RankRule, solver: SvdSolver) -> Result<ExtractReport> {
     rule.validate()?;
     let dev = Device::Cpu;
-    let mut rep = ExtractReport::default();
+    let mut rep = ExtractReport { decoder: base.is_decoder(), ..Default::default() };
     let tuned_keys = tuned.keys();
     let base_keys = base.keys();
     // A target weight of the base missing from the tuned model means the two
@@ -220,6 +222,9 @@ pub fn to_adapter(rep: &ExtractReport, base_model: &str) -> (AdapterConfig, Vec<
     let mut cfg = AdapterConfig::new(r, r as f64, TargetModules::Names(names));
     cfg.base_model_name_or_path = Some(base_model.to_string());
     cfg.inference_mode = true;
+    if rep.decoder {
+        cfg.task_type = Some(lora_peft::TaskType::CausalLm);
+    }
     let mut tensors = vec![];
     for m in &rep.modules {
         if m.rank != r {
@@ -231,7 +236,9 @@ pub fn to_adapter(rep: &ExtractReport, base_model: &str) -> (AdapterConfig, Vec<
     }
     if !rep.saved.is_empty() {
         cfg.modules_to_save = Some(rep.saved.keys().cloned().collect());
-        cfg.task_type = Some(lora_peft::TaskType::SeqCls);
+        if !rep.decoder {
+            cfg.task_type = Some(lora_peft::TaskType::SeqCls);
+        }
         for (m, params) in &rep.saved {
             for (p, t) in params {
                 tensors.push((lora_peft::saved_module_key(m, p), t.clone()));

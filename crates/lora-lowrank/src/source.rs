@@ -7,6 +7,7 @@
 use crate::error::{LowRankError, Result};
 use candle_core::{Device, Tensor};
 use lora_core::{SafetensorsSource, WeightSource};
+use std::sync::Arc;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -20,11 +21,15 @@ pub fn canonical(key: &str, model_type: &str) -> String {
     }
 }
 
-/// The weights of an HF model folder (`model.safetensors` or shards).
+/// The weights of an HF model folder (`model.safetensors` or shards), or of
+/// a llama GGUF file (dequantized to f32, Hugging Face names and layout).
 pub struct ModelWeights {
+    /// The folder, or the `.gguf` file.
     pub dir: PathBuf,
     pub model_type: String,
-    source: SafetensorsSource,
+    /// True for a `.gguf` file.
+    pub gguf: bool,
+    source: Box<dyn WeightSource>,
     /// canonical -> checkpoint key
     map: BTreeMap<String, String>,
 }
@@ -56,15 +61,28 @@ pub fn model_type(dir: &Path) -> Result<String> {
 }
 
 impl ModelWeights {
-    /// Opens the folder (needs `config.json` and weights).
+    /// Opens the folder (needs `config.json` and weights) or a `.gguf` file.
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let bad = |e: String| LowRankError::Io { path: dir.display().to_string(), msg: e };
+            let file = lora_models::GgufFile::open(dir).map_err(|e| bad(e.to_string()))?;
+            let model_type = file.architecture().map_err(|e| bad(e.to_string()))?;
+            let source = lora_models::GgufSource::new(Arc::new(file)).map_err(|e| bad(e.to_string()))?;
+            let map = source.keys().into_iter().map(|k| (k.clone(), k)).collect();
+            return Ok(Self { dir: dir.to_path_buf(), model_type, gguf: true, source: Box::new(source), map });
+        }
         if !dir.is_dir() {
             return Err(LowRankError::Io { path: dir.display().to_string(), msg: "model folder not found".into() });
         }
         let model_type = model_type(dir)?;
         let source = SafetensorsSource::open(&weight_files(dir)?)?;
         let map = source.keys().into_iter().map(|k| (canonical(&k, &model_type), k)).collect();
-        Ok(Self { dir: dir.to_path_buf(), model_type, source, map })
+        Ok(Self { dir: dir.to_path_buf(), model_type, gguf: false, source: Box::new(source), map })
+    }
+
+    /// A decoder-only language model (llama family), whose adapters are CAUSAL_LM.
+    pub fn is_decoder(&self) -> bool {
+        matches!(self.model_type.as_str(), "llama" | "mistral" | "qwen2" | "smollm")
     }
 
     /// A name for messages (the folder).
