@@ -28,7 +28,7 @@ pub(crate) fn with_f32<T>(t: &Tensor, op: &'static str, f: impl FnOnce(&[f32]) -
     let (st, l) = t.storage_and_layout();
     match &*st {
         candle_core::Storage::Cpu(s) => Ok(f(f32_slice(s, l, op)?)),
-        _ => candle_core::bail!("{op}: only the CPU device is supported"),
+        _ => candle_core::bail!("{op}: this kernel runs on the CPU only, got a tensor on {:?}", t.device().location()),
     }
 }
 
@@ -497,8 +497,13 @@ pub fn set_dropout_seed(seed: u64) {
     DROPOUT_STATE.store(splitmix64(seed), std::sync::atomic::Ordering::SeqCst);
 }
 
+/// The seed of the next dropout mask (one per call, from the seeded sequence).
+pub(crate) fn next_dropout_seed() -> u64 {
+    splitmix64(DROPOUT_STATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+}
+
 #[inline]
-fn splitmix64(mut z: u64) -> u64 {
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -555,7 +560,7 @@ pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return candle_nn::ops::dropout(x, p);
     }
-    let seed = splitmix64(DROPOUT_STATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    let seed = next_dropout_seed();
     let op = Dropout {
         seed,
         threshold: ((p as f64) * 4294967296.0).min(4294967295.0) as u32,

@@ -241,17 +241,11 @@ impl SelfAttention {
 
     /// x: (B, T, H); mask_bias: (B, T) additive.
     fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (b, t, h) = x.dims3()?;
-        let d = h / self.heads;
-        let split = |y: Tensor| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, self.heads, d))?.transpose(1, 2)?.contiguous() // (B, nh, T, d)
-        };
-        let q = split((self.query.forward(x, train)? * (1.0 / (d as f64).sqrt()))?)?;
-        let k = split(self.key.forward(x, train)?)?;
-        let v = split(self.value.forward(x, train)?)?;
-        let scores = q.matmul(&k.t()?)?; // (B, nh, T, T)
-        let probs = dropout(&ops::masked_softmax(&scores, mask_bias)?, self.attn_dropout, train)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?; // (B, T, H)
+        let q = self.query.forward(x, train)?;
+        let k = self.key.forward(x, train)?;
+        let v = self.value.forward(x, train)?;
+        // Fused: (B, T, H) in and out, no head-split copies (lora_core::attention).
+        let ctx = lora_core::attention::attention(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
         let y = dropout(&self.out.forward(&ctx, train)?, self.hidden_dropout, train)?;
         self.norm.forward(&(y + x)?)
     }
