@@ -1,7 +1,18 @@
 //! `lora bench`: the fixed-shape workload of `bench/reference/peft_bench.py`,
-//! so the two can be run side by side (`bench/compare.sh`).
+//! so the two can be run side by side (`bench/run_all.py`).
 //! Default: MiniLM-L6 shape (6 layers, hidden 384, 12 heads, FFN 1536), batch
 //! 32 × 128 tokens, LoRA r=8 alpha=16 dropout 0.1 on query,value, 4-class head.
+//!
+//! `--mode decoder`: full QLoRA training steps on a GGUF decoder (default
+//! SmolLM2-135M Q4_1), built exactly as `lora train --task causal-lm` builds it
+//! (`build_causal`), LoRA r=16 alpha=32 dropout 0.05 on q,k,v,o,gate,up,down,
+//! random tokens B × T (default 4 × 128), loss + backward + grad-norm clip 1.0 +
+//! AdamW (lr 3e-4, weight decay 0.01); the counterpart of
+//! `bench/reference/decoder_bench.py`.
+//!
+//! `--mode gemm`: f32 GEMM GFLOP/s on N × N squares (`--sizes`), through
+//! candle's `matmul` and through the frozen-linear op the models use
+//! (`lora_core::ops::frozen_linear`, the `gemm` crate), at the thread count in use.
 
 use crate::ui;
 use anyhow::{bail, Result};
@@ -16,23 +27,41 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// What to measure: train, infer or all (separate processes give clean peak RSS).
+    /// What to measure: train, infer or all (the encoder workload; separate
+    /// processes give clean peak RSS), decoder (QLoRA training steps on a GGUF
+    /// decoder) or gemm (f32 GEMM GFLOP/s).
     #[arg(long, default_value = "all")]
     pub mode: String,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Sequences per batch [default: 32; decoder 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    #[arg(long, default_value = "query,value")]
-    pub targets: String,
-    /// Timed steps (after 2 warm-up steps); the median is reported.
+    /// LoRA rank [default: 8; decoder 16].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// decoder: LoRA alpha [default: 32].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// decoder: LoRA dropout [default: 0.05].
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Target modules [default: query,value; decoder q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj].
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// Timed steps (after --warmup steps); the median is reported (gemm: repetitions per size).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// Use real weights from this model folder instead of random ones.
+    /// Untimed warm-up steps before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Use real weights from this model folder instead of random ones (decoder:
+    /// the .gguf file or folder [default: $LORA_CACHE or ~/.cache/lora-rs, models/SmolLM2-135M-Instruct.Q4_1.gguf]).
     #[arg(long)]
     pub model: Option<std::path::PathBuf>,
+    /// gemm: square sizes N (N × N · N × N).
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048")]
+    pub sizes: Vec<usize>,
     #[arg(long)]
     pub json: bool,
 }
@@ -108,8 +137,8 @@ fn build(args: &BenchArgs, with_adapter: bool) -> Result<(BertClassifier, lora_c
         }
     };
     let plan = with_adapter.then(|| {
-        let lc = LoraConfig { r: args.rank, alpha: 16.0, dropout: 0.1, ..Default::default() };
-        TargetSpec::parse(&args.targets).map(|t| AdapterPlan::new(lc, t, 0))
+        let lc = LoraConfig { r: args.rank.unwrap_or(8), alpha: 16.0, dropout: 0.1, ..Default::default() };
+        TargetSpec::parse(args.targets.as_deref().unwrap_or("query,value")).map(|t| AdapterPlan::new(lc, t, 0))
     });
     let plan = plan.transpose()?;
     let vb = ModelBuilder::new(src, dev)
@@ -124,7 +153,7 @@ fn build(args: &BenchArgs, with_adapter: bool) -> Result<(BertClassifier, lora_c
 
 fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let (b, t) = (args.batch_size, args.seq_len);
+    let (b, t) = (args.batch_size.unwrap_or(32), args.seq_len);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
     let labels: Vec<u32> = (0..b).map(|_| rng.random_range(0..4)).collect();
     let dev = Device::Cpu;
@@ -138,8 +167,8 @@ fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
     ))
 }
 
-fn time_it(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
-    for _ in 0..2 {
+fn time_it(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
         f()?;
     }
     let mut v = vec![];
@@ -152,9 +181,35 @@ fn time_it(steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> 
 }
 
 pub fn run(args: BenchArgs) -> Result<i32> {
-    if !["train", "infer", "all"].contains(&args.mode.as_str()) {
-        bail!("--mode {}: expected train, infer or all", args.mode);
+    if !["train", "infer", "all", "decoder", "gemm"].contains(&args.mode.as_str()) {
+        bail!("--mode {}: expected train, infer, all, decoder or gemm", args.mode);
     }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let out = match args.mode.as_str() {
+        "decoder" => decoder(&args)?,
+        "gemm" => gemm(&args)?,
+        _ => encoder(&args)?,
+    };
+    if args.json {
+        println!("{out}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(0)
+}
+
+fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
+    let args = BenchArgs {
+        batch_size: Some(args.batch_size.unwrap_or(32)),
+        rank: Some(args.rank.unwrap_or(8)),
+        targets: Some(args.targets.clone().unwrap_or_else(|| "query,value".into())),
+        model: args.model.clone(),
+        mode: args.mode.clone(),
+        sizes: vec![],
+        ..*args
+    };
     let threads = candle_core::utils::get_num_threads();
     let mut out = serde_json::json!({
         "tool": "lora (candle)",
@@ -164,12 +219,12 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         "rank": args.rank,
         "targets": args.targets,
     });
-    let bs = args.batch_size as f64;
+    let bs = args.batch_size.unwrap_or(32) as f64;
     if args.mode == "train" || args.mode == "all" {
         let (model, set, cfg) = build(&args, true)?;
         let (input, labels) = batch(&args, cfg.vocab_size)?;
         let mut opt = AdamW::new(set.trainable(), AdamWConfig::default());
-        let times = time_it(args.steps, || {
+        let times = time_it(args.warmup, args.steps, || {
             let logits = model.forward(&input, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
             let g = loss.backward()?;
@@ -194,7 +249,7 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         let (model, set, cfg) = build(&args, true)?;
         let (input, _) = batch(&args, cfg.vocab_size)?;
         let infer = |m: &BertClassifier| -> Result<f64> {
-            let t = time_it(args.steps, || {
+            let t = time_it(args.warmup, args.steps, || {
                 m.forward(&input, false)?.to_vec2::<f32>()?;
                 Ok(())
             })?;
@@ -208,10 +263,180 @@ pub fn run(args: BenchArgs) -> Result<i32> {
         out["infer_samples_per_s_base"] = serde_json::json!(infer(&base)?);
         out["peak_rss_mb_infer"] = serde_json::json!(ui::peak_rss_mb());
     }
-    if args.json {
-        println!("{out}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(out)
+}
+
+fn default_decoder() -> std::path::PathBuf {
+    let cache = std::env::var_os("LORA_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/lora-rs")
+    });
+    cache.join("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// QLoRA training steps on a decoder, built as `lora train --task causal-lm` builds it.
+fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
+    use lora_tasks::causal::data::LmExample;
+    use lora_tasks::causal::{build_causal, LmAdapter};
+    let path = args.model.clone().unwrap_or_else(default_decoder);
+    let (b, t) = (args.batch_size.unwrap_or(4), args.seq_len);
+    if b == 0 || t < 2 {
+        bail!("--batch-size must be at least 1 and --seq-len at least 2");
     }
-    Ok(0)
+    let (r, alpha, dropout) = (args.rank.unwrap_or(16), args.alpha.unwrap_or(32.0), args.dropout.unwrap_or(0.05));
+    let targets = args.targets.clone().unwrap_or_else(|| "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj".into());
+    let (lr, max_grad_norm) = (3e-4, 1.0);
+    let lc = LoraConfig { r, alpha, dropout, ..Default::default() };
+    let plan = AdapterPlan::new(lc, TargetSpec::parse(&targets)?, 0);
+    let t_load = Instant::now();
+    let lm = build_causal(&path, LmAdapter::New(plan), &Device::Cpu)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let vocab = lm.model.config.vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let examples: Vec<LmExample> = (0..b)
+        .map(|_| {
+            // Ordinary tokens only (the first ids of SmolLM2's vocabulary are special).
+            let ids: Vec<u32> = (0..t).map(|_| rng.random_range(16.min(vocab - 1)..vocab)).collect();
+            let labels = ids.iter().map(|&i| i as i64).collect();
+            LmExample { ids, labels }
+        })
+        .collect();
+    let refs: Vec<&LmExample> = examples.iter().collect();
+    let mut opt = AdamW::new(lm.adapters.trainable(), AdamWConfig::default());
+    let mut step = 0u64;
+    let mut losses = vec![];
+    let times = time_it(args.warmup, args.steps, || {
+        lora_core::ops::set_dropout_seed(step);
+        step += 1;
+        let (loss, _) = lm.batch_loss(&refs, true)?;
+        losses.push(loss.to_scalar::<f32>()? as f64);
+        let g = loss.backward()?;
+        let mut grads: Vec<Vec<f32>> = opt
+            .params
+            .iter()
+            .map(|p| match g.get(p.var.as_tensor()) {
+                Some(t) => t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default(),
+                None => vec![0.0; p.var.elem_count()],
+            })
+            .collect();
+        lora_train::optim::clip_grad_norm(&mut grads, max_grad_norm);
+        opt.step(&grads, lr)?;
+        Ok(())
+    })?;
+    let med = median(times.clone());
+    let c = &lm.model.config;
+    Ok(serde_json::json!({
+        "tool": "lora (candle)",
+        "mode": "decoder",
+        "threads": candle_core::utils::get_num_threads(),
+        "model": path.display().to_string(),
+        "format": format!("{:?}", lm.format),
+        "layers": c.num_hidden_layers,
+        "hidden": c.hidden_size,
+        "intermediate": c.intermediate_size,
+        "heads": c.num_attention_heads,
+        "kv_heads": c.num_key_value_heads,
+        "vocab": c.vocab_size,
+        "batch_size": b,
+        "seq_len": t,
+        "rank": r,
+        "alpha": alpha,
+        "dropout": (dropout as f64 * 1e6).round() / 1e6,
+        "targets": targets,
+        "lr": lr,
+        "lora_modules": lm.adapters.lora_layers.len(),
+        "trainable_params": lm.adapters.trainable_params(),
+        "weights_mb": lm.model.weight_bytes() as f64 / (1u64 << 20) as f64,
+        "load_s": load_s,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "decoder_step_s": med,
+        "decoder_step_s_all": times,
+        "decoder_tokens_per_s": (b * t) as f64 / med,
+        "decoder_losses": losses,
+        "peak_rss_mb_decoder": ui::peak_rss_mb(),
+    }))
+}
+
+/// f32 GEMM GFLOP/s on squares: candle's matmul and the frozen-linear op.
+fn gemm(args: &BenchArgs) -> Result<serde_json::Value> {
+    if args.sizes.is_empty() || args.sizes.contains(&0) {
+        bail!("--sizes: give positive sizes, e.g. 1024,2048");
+    }
+    let dev = Device::Cpu;
+    let mut out = serde_json::json!({
+        "tool": "lora (candle)",
+        "mode": "gemm",
+        "threads": candle_core::utils::get_num_threads(),
+        "sizes": args.sizes,
+        "warmup": args.warmup,
+        "steps": args.steps,
+    });
+    let mut peak = 0f64;
+    for &n in &args.sizes {
+        let a = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, (n, n), &dev)?;
+        let flops = 2.0 * (n as f64).powi(3);
+        // candle's matmul: A·B, both contiguous (row-major).
+        let t = time_it(args.warmup.max(1), args.steps, || {
+            let c = a.matmul(&b)?;
+            std::hint::black_box(&c);
+            Ok(())
+        })?;
+        let g_matmul = flops / median(t) / 1e9;
+        // The frozen-linear op the encoder and decoder use: X·Wᵀ through the gemm crate.
+        let t = time_it(args.warmup.max(1), args.steps, || {
+            let c = lora_core::ops::frozen_linear(&a, &b, None)?;
+            std::hint::black_box(&c);
+            Ok(())
+        })?;
+        let g_linear = flops / median(t) / 1e9;
+        out[format!("gemm_gflops_matmul_{n}")] = serde_json::json!(g_matmul);
+        out[format!("gemm_gflops_linear_{n}")] = serde_json::json!(g_linear);
+        peak = peak.max(g_matmul).max(g_linear);
+    }
+    out["gemm_peak_gflops"] = serde_json::json!(peak);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(mode: &str) -> BenchArgs {
+        BenchArgs {
+            mode: mode.into(),
+            batch_size: None,
+            seq_len: 128,
+            rank: None,
+            alpha: None,
+            dropout: None,
+            targets: None,
+            steps: 2,
+            warmup: 1,
+            model: None,
+            sizes: vec![64, 96],
+            json: true,
+        }
+    }
+
+    #[test]
+    fn gemm_mode_reports_every_size_and_the_peak() {
+        let out = gemm(&args("gemm")).unwrap();
+        let mut best = 0f64;
+        for n in [64, 96] {
+            for k in ["matmul", "linear"] {
+                let g = out[format!("gemm_gflops_{k}_{n}")].as_f64().unwrap();
+                assert!(g.is_finite() && g > 0.0, "{k} {n}: {g}");
+                best = best.max(g);
+            }
+        }
+        assert_eq!(out["gemm_peak_gflops"].as_f64().unwrap(), best);
+    }
+
+    #[test]
+    fn decoder_mode_needs_an_existing_model() {
+        let mut a = args("decoder");
+        a.model = Some("/nonexistent/model.gguf".into());
+        assert!(decoder(&a).is_err());
+    }
 }
