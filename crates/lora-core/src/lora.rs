@@ -123,7 +123,7 @@ impl FrozenWeight {
     pub fn dense(&self) -> Result<Tensor> {
         Ok(match self {
             Self::Dense(t) => t.clone(),
-            Self::Quantized(q) => q.dequantize(&candle_core::Device::Cpu)?,
+            Self::Quantized(q) => q.dequantize(&q.device())?,
         })
     }
 
@@ -267,7 +267,7 @@ impl Linear {
             Base::Frozen { weight, .. } => weight.clone(),
             Base::Trainable { weight, .. } => weight.as_tensor().clone(),
             Base::Quantized { merged: Some(w), .. } => w.clone(),
-            Base::Quantized { weight, .. } => weight.dequantize(&candle_core::Device::Cpu)?,
+            Base::Quantized { weight, .. } => weight.dequantize(&weight.device())?,
         })
     }
 
@@ -358,7 +358,7 @@ impl Linear {
         match &mut inner.base {
             Base::Frozen { weight, .. } => *weight = (&*weight + d)?,
             Base::Quantized { weight, merged, .. } => {
-                *merged = Some((weight.dequantize(&candle_core::Device::Cpu)? + d)?)
+                *merged = Some((weight.dequantize(&weight.device())? + d)?)
             }
             Base::Trainable { .. } => {}
         }

@@ -223,6 +223,15 @@ impl CustomOp1 for CausalSoftmax {
 /// sees keys `0..=offset+i` (masked entries are exactly 0).
 pub fn causal_softmax(scores: &Tensor, offset: usize) -> Result<Tensor> {
     if scores.dtype() != DType::F32 || !scores.device().is_cpu() {
+        // The same check as the CPU kernel's, so both paths reject a query
+        // that would see no key (the reference would give a row of NaN).
+        let (tq, tk) = match scores.dims() {
+            [.., tq, tk] => (*tq, *tk),
+            d => candle_core::bail!("causal-softmax: scores need at least 2 dims, got {d:?}"),
+        };
+        if offset + tq > tk {
+            candle_core::bail!("causal-softmax: {tq} queries at offset {offset} need {} keys, got {tk}", offset + tq)
+        }
         return causal_softmax_reference(scores, offset);
     }
     scores.contiguous()?.apply_op1(CausalSoftmax { offset })
