@@ -8,15 +8,16 @@
 //! region per call (over batch × heads) with small single-threaded GEMMs
 //! inside, instead of thousands of tiny multi-threaded ones.
 //!
-//! The backward pass recomputes the probabilities of one (batch, head) block
-//! at a time (as flash attention does) instead of storing them: the forward
-//! keeps nothing, and training holds `B·heads·T²` fewer floats per layer.
+//! When a gradient will be needed the forward keeps the probabilities (one
+//! `B·heads·T²` buffer, where the unfused path keeps the probabilities and
+//! their dropped copy), and the backward frees them; otherwise (inference)
+//! nothing is kept, and a backward without them recomputes each block.
 //! Dropout on the probabilities uses the same counter-based mask as
 //! [`crate::ops::dropout`] over the same flat `(B, heads, T, T)` index, drawn
 //! from the same seed sequence, so the fused op and the reference path
 //! ([`attention_reference`]) draw identical masks.
 
-use crate::ops::{dropout, fast_exp, masked_softmax, next_dropout_seed, splitmix64, with_f32};
+use crate::ops::{dropout, fast_exp, mask_hash, masked_softmax, next_dropout_seed, with_f32};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -70,6 +71,49 @@ unsafe fn mm(
     )
 }
 
+/// Max of a slice with 16 independent lanes (vectorizes; order-free).
+#[inline]
+fn lanes_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in chunks.remainder() {
+        m = m.max(v);
+    }
+    m
+}
+
+/// Sum of a slice with 16 independent lanes (vectorizes).
+#[inline]
+fn lanes_sum(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// Dot product with 16 independent lanes (vectorizes).
+#[inline]
+fn lanes_dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (mut cx, mut cy) = (x.chunks_exact(16), y.chunks_exact(16));
+    for (a, b) in (&mut cx).zip(&mut cy) {
+        for i in 0..16 {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + cx.remainder().iter().zip(cy.remainder()).map(|(a, b)| a * b).sum::<f32>()
+}
+
 #[derive(Clone, Copy)]
 struct Drop {
     seed: u64,
@@ -80,7 +124,7 @@ struct Drop {
 impl Drop {
     #[inline]
     fn keep(&self, idx: u64) -> bool {
-        (splitmix64(self.seed ^ idx) >> 32) as u32 >= self.threshold
+        mask_hash(self.seed, idx) >= self.threshold
     }
 }
 
@@ -90,6 +134,10 @@ struct Attention {
     /// (B, T) additive mask, contiguous; a constant.
     bias: Tensor,
     dropout: Option<Drop>,
+    /// Keep the probabilities for the backward pass (training); without them
+    /// the backward recomputes them block by block.
+    keep: bool,
+    saved: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 /// Shapes of one call: batch, tokens, hidden, head dim.
@@ -121,17 +169,14 @@ impl Attention {
         mm(z.t, z.t, z.d, p.as_mut_ptr(), z.t, false, q.add(off), z.h, 1, k.add(off), 1, z.h, self.scale);
         let m = &mask[b * z.t..(b + 1) * z.t];
         for row in p.chunks_mut(z.t) {
-            let mut max = f32::NEG_INFINITY;
             for (v, &mb) in row.iter_mut().zip(m) {
                 *v += mb;
-                max = max.max(*v);
             }
-            let mut sum = 0f32;
+            let max = lanes_max(row);
             for v in row.iter_mut() {
                 *v = fast_exp(*v - max);
-                sum += *v;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / lanes_sum(row);
             row.iter_mut().for_each(|v| *v *= inv);
         }
     }
@@ -161,16 +206,20 @@ impl CustomOp3 for Attention {
         let mut out = vec![0f32; q.len()];
         let dst = SendPtr(out.as_mut_ptr());
         let tt = z.t * z.t;
+        let mut saved = if self.keep { vec![0f32; z.b * self.heads * tt] } else { vec![] };
+        let sp = SendPtr(saved.as_mut_ptr());
         with_f32(&self.bias, "attention", |mask| {
             (0..z.b * self.heads).into_par_iter().for_each_init(
-                || (vec![0f32; tt], vec![0f32; if self.dropout.is_some() { tt } else { 0 }]),
-                |(p, pd), bh| {
-                    let dst = dst;
+                || (vec![0f32; if self.keep { 0 } else { tt }], vec![0f32; if self.dropout.is_some() { tt } else { 0 }]),
+                |(scratch, pd), bh| {
+                    let (dst, sp) = (dst, sp);
                     let (b, hd) = (bh / self.heads, bh % self.heads);
                     let off = b * z.t * z.h + hd * z.d;
                     // SAFETY: inputs are (B, T, H) contiguous; block bh writes
-                    // only rows b·T.. and columns hd·d.. of `out`.
+                    // only rows b·T.. and columns hd·d.. of `out`, and its own
+                    // T×T block of `saved`.
                     unsafe {
+                        let p: &mut [f32] = if self.keep { std::slice::from_raw_parts_mut(sp.0.add(bh * tt), tt) } else { scratch };
                         self.probs(&z, bh, q.as_ptr(), k.as_ptr(), mask, p);
                         let pp: &[f32] = match &self.dropout {
                             Some(dr) => {
@@ -184,6 +233,9 @@ impl CustomOp3 for Attention {
                 },
             )
         })?;
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        }
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
@@ -195,21 +247,29 @@ impl CustomOp3 for Attention {
         let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         let (pdq, pdk, pdv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
         let tt = z.t * z.t;
+        let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let sp = saved.as_mut().map(|v| SendPtr(v.as_mut_ptr()));
         with_f32(&q, "attention-bwd", |qd| {
             with_f32(&k, "attention-bwd", |kd| {
                 with_f32(&v, "attention-bwd", |vd| {
                     with_f32(&g, "attention-bwd", |gd| {
                         with_f32(&self.bias, "attention-bwd", |mask| {
                             (0..z.b * self.heads).into_par_iter().for_each_init(
-                                || (vec![0f32; tt], vec![0f32; if self.dropout.is_some() { tt } else { 0 }], vec![0f32; tt]),
-                                |(p, pd, dp), bh| {
-                                    let (pdq, pdk, pdv) = (pdq, pdk, pdv);
+                                || (vec![0f32; if sp.is_some() { 0 } else { tt }], vec![0f32; if self.dropout.is_some() { tt } else { 0 }], vec![0f32; tt]),
+                                |(scratch, pd, dp), bh| {
+                                    let (pdq, pdk, pdv, sp) = (pdq, pdk, pdv, sp);
                                     let (b, hd) = (bh / self.heads, bh % self.heads);
                                     let off = b * z.t * z.h + hd * z.d;
                                     // SAFETY: as in the forward; block bh writes only its
-                                    // rows/columns of dq, dk, dv.
+                                    // rows/columns of dq, dk, dv and reads its saved block.
                                     unsafe {
-                                        self.probs(&z, bh, qd.as_ptr(), kd.as_ptr(), mask, p);
+                                        let p: &[f32] = match sp {
+                                            Some(sp) => std::slice::from_raw_parts(sp.0.add(bh * tt), tt),
+                                            None => {
+                                                self.probs(&z, bh, qd.as_ptr(), kd.as_ptr(), mask, scratch);
+                                                scratch
+                                            }
+                                        };
                                         let pp: &[f32] = match &self.dropout {
                                             Some(dr) => {
                                                 self.drop_into(dr, &z, bh, p, pd);
@@ -230,7 +290,7 @@ impl CustomOp3 for Attention {
                                         }
                                         // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
                                         for (dr, pr) in dp.chunks_mut(z.t).zip(p.chunks(z.t)) {
-                                            let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                                            let s = lanes_dot(dr, pr);
                                             for (x, &pv) in dr.iter_mut().zip(pr) {
                                                 *x = pv * (*x - s);
                                             }
@@ -269,7 +329,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
         threshold: ((p as f64) * 4294967296.0).min(4294967295.0) as u32,
         scale: 1.0 / (1.0 - p),
     });
-    let op = Attention { heads, scale: 1.0 / (d as f32).sqrt(), bias: mask.detach().contiguous()?, dropout };
+    let keep = q.track_op() || k.track_op() || v.track_op();
+    let op = Attention { heads, scale: 1.0 / (d as f32).sqrt(), bias: mask.detach().contiguous()?, dropout, keep, saved: Default::default() };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 
@@ -304,7 +365,14 @@ mod tests {
         let w = randn(&[b, t, h], 4);
         set_dropout_seed(seed);
         let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
-        let g = (&y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let loss = (&y * &w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        // A second backward over the same graph: the fused op has handed its
+        // kept probabilities to the first one and recomputes them.
+        let g2 = loss.backward().unwrap();
+        for x in [&q, &k, &v] {
+            assert!(max_abs(g.get(x.as_tensor()).unwrap(), g2.get(x.as_tensor()).unwrap()) < 1e-6);
+        }
         let gr = |x: &Var| g.get(x.as_tensor()).expect("gradient reaches the input").clone();
         (y, [gr(&q), gr(&k), gr(&v)])
     }

@@ -497,6 +497,24 @@ pub fn set_dropout_seed(seed: u64) {
     DROPOUT_STATE.store(splitmix64(seed), std::sync::atomic::Ordering::SeqCst);
 }
 
+#[inline(always)]
+fn fmix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x85eb_ca6b);
+    x ^= x >> 13;
+    x = x.wrapping_mul(0xc2b2_ae35);
+    x ^ (x >> 16)
+}
+
+/// The 32-bit hash behind a dropout mask: element `idx` of the mask with
+/// `seed` is kept when `mask_hash(seed, idx) >= threshold`. Two rounds of
+/// murmur3's finalizer on 32-bit lanes, so mask loops vectorize.
+#[inline(always)]
+pub(crate) fn mask_hash(seed: u64, idx: u64) -> u32 {
+    let x = (idx as u32) ^ ((idx >> 32) as u32).wrapping_mul(0x27d4_eb2d) ^ (seed as u32);
+    fmix32(fmix32(x) ^ (seed >> 32) as u32)
+}
+
 /// The seed of the next dropout mask (one per call, from the seeded sequence).
 pub(crate) fn next_dropout_seed() -> u64 {
     splitmix64(DROPOUT_STATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
@@ -522,7 +540,7 @@ impl Dropout {
         dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).enumerate().for_each(|(c, (d, s))| {
             let base = (c * 4096) as u64;
             for i in 0..d.len() {
-                let h = (splitmix64(self.seed ^ (base + i as u64)) >> 32) as u32;
+                let h = mask_hash(self.seed, base + i as u64);
                 d[i] = if h >= self.threshold { s[i] * self.scale } else { 0.0 };
             }
         });

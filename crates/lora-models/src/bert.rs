@@ -144,6 +144,11 @@ impl Activation {
     }
 }
 
+fn reference_attention() -> bool {
+    static R: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *R.get_or_init(|| std::env::var_os("LORA_REFERENCE_ATTENTION").is_some_and(|v| v != "0"))
+}
+
 fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
     if train && p > 0.0 {
         ops::dropout(x, p as f32)
@@ -245,7 +250,9 @@ impl SelfAttention {
         let k = self.key.forward(x, train)?;
         let v = self.value.forward(x, train)?;
         // Fused: (B, T, H) in and out, no head-split copies (lora_core::attention).
-        let ctx = lora_core::attention::attention(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
+        // LORA_REFERENCE_ATTENTION=1 selects the unfused path (benchmark A/B).
+        let attn = if reference_attention() { lora_core::attention::attention_reference } else { lora_core::attention::attention };
+        let ctx = attn(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
         let y = dropout(&self.out.forward(&ctx, train)?, self.hidden_dropout, train)?;
         self.norm.forward(&(y + x)?)
     }
