@@ -99,11 +99,16 @@ impl Hooks for LmHooks<'_> {
     }
 }
 
-fn parse_init(s: &str) -> Result<LoraInit> {
+/// `--init`: the LoRA init, and for PiSSA/OLoRA the weight-based init
+/// (the targeted base weights become dense residuals, as in PEFT).
+fn parse_init(s: &str, seed: u64) -> Result<(LoraInit, Option<lora_lowrank::WeightInit>)> {
     Ok(match s {
-        "kaiming" => LoraInit::KaimingUniform,
-        "gaussian" => LoraInit::Gaussian,
-        o => bail!("--init {o}: expected kaiming or gaussian"),
+        "kaiming" => (LoraInit::KaimingUniform, None),
+        "gaussian" => (LoraInit::Gaussian, None),
+        o => match lora_lowrank::WeightInit::parse(o, seed) {
+            Some(w) => (LoraInit::KaimingUniform, Some(w)),
+            None => bail!("--init {o}: expected kaiming, gaussian, pissa, pissa-niter-N or olora"),
+        },
     })
 }
 
@@ -120,11 +125,14 @@ pub fn train(args: TrainArgs, stop: &AtomicBool, resuming: bool) -> Result<i32> 
         );
     }
     let schedule = Schedule::parse(&args.schedule).map_err(anyhow::Error::msg)?;
-    let lcfg = LoraConfig { r: args.rank, alpha: args.alpha, dropout: args.dropout, use_rslora: args.rslora, init: parse_init(&args.init)? };
+    let (init, weight_init) = parse_init(&args.init, args.seed)?;
+    let lcfg = LoraConfig { r: args.rank, alpha: args.alpha, dropout: args.dropout, use_rslora: args.rslora, init };
     let targets = TargetSpec::parse(args.targets())?.with_layers(args.layers.clone());
-    let plan = AdapterPlan::new(lcfg, targets, args.seed);
+    let mut plan = AdapterPlan::new(lcfg, targets, args.seed);
+    plan.weight_init = weight_init.map(lora_lowrank::init::builder_hook);
     let device = Device::Cpu;
     let lm = build_causal(&model, LmAdapter::New(plan), &device)?;
+    let initial = weight_init.map(|_| lm.adapters.lora_tensors_snapshot()).transpose()?;
     let (train_set, valid_set, fmt) = load_data(&lm, &args)?;
     std::fs::create_dir_all(&out).with_context(|| format!("{}: cannot create", out.display()))?;
     let trainable = lm.adapters.trainable_params();
@@ -214,6 +222,9 @@ pub fn train(args: TrainArgs, stop: &AtomicBool, resuming: bool) -> Result<i32> 
     hooks.bar.finish_and_clear();
     crate::cmd_classify::write_plots(&out, None);
     let outcome = outcome?;
+    if let (Some(init), true) = (&initial, outcome != Outcome::Interrupted) {
+        crate::cmd_lowrank::convert_trained(&out, init, &args.init)?;
+    }
     let secs = t0.elapsed().as_secs_f64();
     let best = trainer.state.best_metric;
     let summary = serde_json::json!({

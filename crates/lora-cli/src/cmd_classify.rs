@@ -335,7 +335,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         AdapterSource::New { plan, labels: labels.names().to_vec(), head },
         &device,
     )?;
-    let initial = weight_init.map(|_| clf.adapters.lora_tensors());
+    let initial = weight_init.map(|_| clf.adapters.lora_tensors_snapshot()).transpose()?;
     let texts = |ex: &[lora_data::Example]| ex.iter().map(|e| e.text.clone()).collect::<Vec<_>>();
     let train_set = task::encode(&clf, &texts(&train_ex), train_y, args.max_len())?;
     let valid_set = task::encode(&clf, &texts(&valid_ex), valid_y, args.max_len())?;

@@ -221,3 +221,27 @@ fn bad_decoder_input_gets_one_line_errors() {
     // Bad sampling values.
     lora(args!["generate", "--model", tiny_llama(), "--prompt", "hi", "--top-p", "1.5"]).clean_error(&["--top-p"]);
 }
+
+/// PiSSA on the decoder: trained on the residual base, saved as a plain LoRA
+/// (PEFT's conversion) for the original base, whose base + adapter reproduces
+/// the model that was trained.
+#[test]
+fn pissa_on_a_decoder_converts_to_plain_lora() {
+    let dir = TempDir::new("lm-pissa");
+    let data = dir.file("train.txt", text());
+    let out = dir.join("run");
+    let r = train_lm(&tiny_llama(), &data, &out, &["--init", "pissa", "--max-steps", "6"]).ok();
+    let j = r.json();
+    let best = j["best_metric"]["value"].as_f64().unwrap();
+    for d in ["residual_adapter", "initial_adapter"] {
+        assert!(out.join(d).join("adapter_model.safetensors").is_file(), "{d} missing");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 8, "conversion doubles the rank (2 x 4): {cfg}");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    // The converted adapter on the unmodified base carries the training:
+    // lower perplexity than the base (a wrong conversion lands far off).
+    let e = lora(args!["eval", "--task", "causal-lm", "--model", tiny_llama(), "--adapter", &out, "--data", &data, "--json"]).ok().json();
+    let ppl = |i: usize| e["results"][i]["perplexity"].as_f64().unwrap_or_else(|| panic!("{e}"));
+    assert!(ppl(1) < 0.9 * ppl(0), "base {} -> converted adapter {} (trained best {})", ppl(0), ppl(1), best.exp());
+}

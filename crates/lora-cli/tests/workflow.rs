@@ -196,7 +196,7 @@ fn train_eval_predict_inspect_merge() {
     lora(args!["predict", "--model", &m, "--adapter", &out, "--data", &train, "--out", &preds]).ok();
     let p = read_predictions(&preds, rows.len(), &["neg", "neu", "pos"]);
     let agree = p.iter().zip(&rows).filter(|(p, r)| p.0 == r.1).count();
-    assert_eq!(agree as f64 / rows.len() as f64, acc, "predict and eval agree");
+    assert!((agree as f64 / rows.len() as f64 - acc).abs() < 1e-12, "predict and eval agree: {agree}/{} vs {acc}", rows.len());
 
     // predict without a label column in the data, to stdout.
     let texts = dir.file("texts.csv", "text\nwhat a great film\nthe movie was terrible\n");

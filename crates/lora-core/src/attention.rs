@@ -354,7 +354,7 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, he
 mod tests {
     use super::*;
     use crate::ops::set_dropout_seed;
-    use crate::ops::tests::{max_abs, randn};
+    use crate::ops::tests::{max_abs, randn, DROPOUT_LOCK};
     use candle_core::Var;
 
     fn run(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, seed: u64) -> (Tensor, [Tensor; 3]) {
@@ -388,6 +388,7 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_reference_values_and_gradients() {
+        let _guard = DROPOUT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         for (p, train) in [(0.0, false), (0.0, true), (0.3, true), (0.3, false)] {
             let m = mask();
             let (y, g) = run(|q, k, v| attention(q, k, v, &m, 2, p, train), 7);
@@ -403,6 +404,7 @@ mod tests {
 
     #[test]
     fn dropout_masks_follow_the_seed() {
+        let _guard = DROPOUT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let m = mask();
         let (a, _) = run(|q, k, v| attention(q, k, v, &m, 2, 0.5, true), 1);
         let (b, _) = run(|q, k, v| attention(q, k, v, &m, 2, 0.5, true), 1);

@@ -603,6 +603,12 @@ impl AdapterSet {
             .collect()
     }
 
+    /// Like [`Self::lora_tensors`], but copies: the optimizer updates the
+    /// variables in place, so a plain clone would follow the training.
+    pub fn lora_tensors_snapshot(&self) -> Result<Vec<(String, Tensor, Tensor, f64)>> {
+        self.lora_tensors().into_iter().map(|(p, a, b, s)| Ok((p, a.copy()?, b.copy()?, s))).collect()
+    }
+
     pub fn ranks(&self) -> BTreeMap<String, usize> {
         self.lora_layers
             .iter()

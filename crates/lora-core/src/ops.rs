@@ -592,6 +592,10 @@ pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
+    /// Tests that seed the global dropout sequence hold this lock (the test
+    /// harness runs tests on several threads).
+    pub(crate) static DROPOUT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -696,6 +700,7 @@ pub(crate) mod tests {
 
     #[test]
     fn dropout_is_seeded_and_backward_uses_same_mask() {
+        let _guard = DROPOUT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let x = Var::from_tensor(&Tensor::ones((64, 64), DType::F32, &Device::Cpu).unwrap()).unwrap();
         set_dropout_seed(7);
         let a = dropout(x.as_tensor(), 0.25).unwrap();
