@@ -3,7 +3,9 @@ use candle_core::{Device, Tensor};
 use std::time::Instant;
 fn main() -> candle_core::Result<()> {
     let dev = Device::Cpu;
-    for &(m, k, n, tr) in &[(4096usize, 384usize, 384usize, true), (4096, 384, 1536, true), (4096, 1536, 384, true), (4096, 384, 384, false), (2048, 2048, 2048, false)] {
+    // Rows of the activation matrix (batch x tokens); GEMM_M=896 is 32 x 28.
+    let m0: usize = std::env::var("GEMM_M").ok().and_then(|v| v.parse().ok()).unwrap_or(4096);
+    for &(m, k, n, tr) in &[(m0, 384usize, 384usize, true), (m0, 384, 1536, true), (m0, 1536, 384, true), (m0, 384, 384, false), (2048, 2048, 2048, false)] {
         let a = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let b = if tr { Tensor::randn(0f32, 1.0, (n, k), &dev)?.t()? } else { Tensor::randn(0f32, 1.0, (k, n), &dev)? };
         let mut best = f64::MAX;
