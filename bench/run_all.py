@@ -131,17 +131,17 @@ def lora_flops(n, fin, fout, r, needs_dx):
     return fwd, bwd
 
 
-def encoder_flops(b=32, t=128, h=384, f=1536, layers=6, r=8, labels=4, targets=("query", "value")):
-    """GEMM FLOPs of the fixed workload: dict(forward_base, forward_lora, train)."""
+def layer_stack_flops(b, t, h, layers, lin, first_inputs, targets, r):
+    """GEMM FLOPs of `layers` transformer layers with linear layers `lin` (name -> (in, out)),
+    LoRA on `targets`, full T x T attention: (fwd, bwd, lora_fwd, lora_bwd). The first layer's
+    `first_inputs` projections read the embeddings, whose gradient is never needed."""
     n = b * t
-    lin = {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
-           "intermediate.dense": (h, f), "output.dense": (f, h)}
     fwd = bwd = lora_f = lora_b = 0
     attn = 2 * (2 * b * t * t * h)
     for i in range(layers):
         for name, (fi, fo) in lin.items():
             fwd += 2 * n * fi * fo
-            first_in = i == 0 and name in ("query", "key", "value")
+            first_in = i == 0 and name in first_inputs
             if not first_in:
                 bwd += 2 * n * fi * fo
             if name in targets:
@@ -150,6 +150,14 @@ def encoder_flops(b=32, t=128, h=384, f=1536, layers=6, r=8, labels=4, targets=(
                 lora_b += c
         fwd += attn
         bwd += 2 * attn - (2 * b * t * t * h if i == 0 else 0)
+    return fwd, bwd, lora_f, lora_b
+
+
+def encoder_flops(b=32, t=128, h=384, f=1536, layers=6, r=8, labels=4, targets=("query", "value")):
+    """GEMM FLOPs of the fixed workload: dict(forward_base, forward_lora, train)."""
+    lin = {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
+           "intermediate.dense": (h, f), "output.dense": (f, h)}
+    fwd, bwd, lora_f, lora_b = layer_stack_flops(b, t, h, layers, lin, ("query", "key", "value"), targets, r)
     head = 2 * b * h * h + 2 * b * h * labels  # pooler, classifier
     fwd += head
     bwd += 2 * b * h * h + 2 * 2 * b * h * labels
@@ -157,23 +165,10 @@ def encoder_flops(b=32, t=128, h=384, f=1536, layers=6, r=8, labels=4, targets=(
 
 
 def decoder_flops(b=4, t=128, h=576, f=1536, layers=30, heads=9, kv_heads=3, vocab=49152, r=16):
-    n = b * t
     kv = h // heads * kv_heads
     lin = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
-    fwd = bwd = lora_f = lora_b = 0
-    attn = 2 * (2 * b * t * t * h)
-    for i in range(layers):
-        for name, (fi, fo) in lin.items():
-            fwd += 2 * n * fi * fo
-            first_in = i == 0 and name in ("q_proj", "k_proj", "v_proj")
-            if not first_in:
-                bwd += 2 * n * fi * fo
-            a, c = lora_flops(n, fi, fo, r, not first_in)
-            lora_f += a
-            lora_b += c
-        fwd += attn
-        bwd += 2 * attn - (2 * b * t * t * h if i == 0 else 0)
+    fwd, bwd, lora_f, lora_b = layer_stack_flops(b, t, h, layers, lin, ("q_proj", "k_proj", "v_proj"), tuple(lin), r)
     nh = b * (t - 1)  # positions with a next-token target go through the tied LM head
     fwd += 2 * nh * h * vocab
     bwd += 2 * nh * h * vocab

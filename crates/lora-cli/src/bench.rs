@@ -116,6 +116,17 @@ fn random_weights(c: &BertConfig, seed: u64) -> HashMap<String, Tensor> {
     t
 }
 
+/// The gradient of every optimizer parameter as flat f32 (zeros when none reached it).
+fn grads_of(opt: &AdamW, g: &candle_core::backprop::GradStore) -> Result<Vec<Vec<f32>>> {
+    opt.params
+        .iter()
+        .map(|p| match g.get(p.var.as_tensor()) {
+            Some(t) => Ok(t.flatten_all()?.to_vec1::<f32>()?),
+            None => Ok(vec![0.0; p.var.elem_count()]),
+        })
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     if v.is_empty() {
@@ -227,15 +238,7 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         let times = time_it(args.warmup, args.steps, || {
             let logits = model.forward(&input, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let g = loss.backward()?;
-            let grads: Vec<Vec<f32>> = opt
-                .params
-                .iter()
-                .map(|p| match g.get(p.var.as_tensor()) {
-                    Some(t) => t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default(),
-                    None => vec![0.0; p.var.elem_count()],
-                })
-                .collect();
+            let grads = grads_of(&opt, &loss.backward()?)?;
             opt.step(&grads, 5e-4)?;
             Ok(())
         })?;
@@ -309,15 +312,7 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
         step += 1;
         let (loss, _) = lm.batch_loss(&refs, true)?;
         losses.push(loss.to_scalar::<f32>()? as f64);
-        let g = loss.backward()?;
-        let mut grads: Vec<Vec<f32>> = opt
-            .params
-            .iter()
-            .map(|p| match g.get(p.var.as_tensor()) {
-                Some(t) => t.flatten_all().and_then(|t| t.to_vec1::<f32>()).unwrap_or_default(),
-                None => vec![0.0; p.var.elem_count()],
-            })
-            .collect();
+        let mut grads = grads_of(&opt, &loss.backward()?)?;
         lora_train::optim::clip_grad_norm(&mut grads, max_grad_norm);
         opt.step(&grads, lr)?;
         Ok(())

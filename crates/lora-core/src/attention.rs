@@ -115,13 +115,13 @@ fn lanes_dot(x: &[f32], y: &[f32]) -> f32 {
 }
 
 #[derive(Clone, Copy)]
-struct Drop {
+struct DropMask {
     seed: u64,
     threshold: u32,
     scale: f32,
 }
 
-impl Drop {
+impl DropMask {
     #[inline]
     fn keep(&self, idx: u64) -> bool {
         mask_hash(self.seed, idx) >= self.threshold
@@ -133,7 +133,7 @@ struct Attention {
     scale: f32,
     /// (B, T) additive mask, contiguous; a constant.
     bias: Tensor,
-    dropout: Option<Drop>,
+    dropout: Option<DropMask>,
     /// Keep the probabilities for the backward pass (training); without them
     /// the backward recomputes them block by block.
     keep: bool,
@@ -182,7 +182,7 @@ impl Attention {
     }
 
     /// `pd = dropout(p)` for block `bh` (the flat (B, heads, T, T) index).
-    fn drop_into(&self, dr: &Drop, z: &Dims, bh: usize, p: &[f32], pd: &mut [f32]) {
+    fn drop_into(&self, dr: &DropMask, z: &Dims, bh: usize, p: &[f32], pd: &mut [f32]) {
         let base = (bh * z.t * z.t) as u64;
         for (i, (o, &x)) in pd.iter_mut().zip(p).enumerate() {
             *o = if dr.keep(base + i as u64) { x * dr.scale } else { 0.0 };
@@ -324,7 +324,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
         candle_core::bail!("dropout probability must be in [0, 1), got {p}")
     }
     let d = q.dim(2)? / heads.max(1);
-    let dropout = (train && p > 0.0).then(|| Drop {
+    let dropout = (train && p > 0.0).then(|| DropMask {
         seed: next_dropout_seed(),
         threshold: ((p as f64) * 4294967296.0).min(4294967295.0) as u32,
         scale: 1.0 / (1.0 - p),
