@@ -252,6 +252,7 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         let (model, set, cfg) = build(&args, true)?;
         let (input, _) = batch(&args, cfg.vocab_size)?;
         let infer = |m: &BertClassifier| -> Result<f64> {
+            let _no_grad = lora_core::no_grad();
             let t = time_it(args.warmup, args.steps, || {
                 m.forward(&input, false)?.to_vec2::<f32>()?;
                 Ok(())

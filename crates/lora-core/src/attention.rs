@@ -17,7 +17,8 @@
 //! from the same seed sequence, so the fused op and the reference path
 //! ([`attention_reference`]) draw identical masks.
 
-use crate::ops::{dropout, fast_exp, mask_hash, masked_softmax, next_dropout_seed, with_f32};
+use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32};
+use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -71,69 +72,12 @@ unsafe fn mm(
     )
 }
 
-/// Max of a slice with 16 independent lanes (vectorizes; order-free).
-#[inline]
-fn lanes_max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for i in 0..16 {
-            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
-        }
-    }
-    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for &v in chunks.remainder() {
-        m = m.max(v);
-    }
-    m
-}
-
-/// Sum of a slice with 16 independent lanes (vectorizes).
-#[inline]
-fn lanes_sum(x: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for i in 0..16 {
-            acc[i] += c[i];
-        }
-    }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
-}
-
-/// Dot product with 16 independent lanes (vectorizes).
-#[inline]
-fn lanes_dot(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (mut cx, mut cy) = (x.chunks_exact(16), y.chunks_exact(16));
-    for (a, b) in (&mut cx).zip(&mut cy) {
-        for i in 0..16 {
-            acc[i] += a[i] * b[i];
-        }
-    }
-    acc.iter().sum::<f32>() + cx.remainder().iter().zip(cy.remainder()).map(|(a, b)| a * b).sum::<f32>()
-}
-
-#[derive(Clone, Copy)]
-struct DropMask {
-    seed: u64,
-    threshold: u32,
-    scale: f32,
-}
-
-impl DropMask {
-    #[inline]
-    fn keep(&self, idx: u64) -> bool {
-        mask_hash(self.seed, idx) >= self.threshold
-    }
-}
-
 struct Attention {
     heads: usize,
     scale: f32,
     /// (B, T) additive mask, contiguous; a constant.
     bias: Tensor,
-    dropout: Option<DropMask>,
+    dropout: Option<Mask>,
     /// Keep the probabilities for the backward pass (training); without them
     /// the backward recomputes them block by block.
     keep: bool,
@@ -167,26 +111,12 @@ impl Attention {
         let off = b * z.t * z.h + hd * z.d;
         // rhs = K_bhᵀ (d×T): element (j, s) at k[off + s·H + j].
         mm(z.t, z.t, z.d, p.as_mut_ptr(), z.t, false, q.add(off), z.h, 1, k.add(off), 1, z.h, self.scale);
-        let m = &mask[b * z.t..(b + 1) * z.t];
-        for row in p.chunks_mut(z.t) {
-            for (v, &mb) in row.iter_mut().zip(m) {
-                *v += mb;
-            }
-            let max = lanes_max(row);
-            for v in row.iter_mut() {
-                *v = fast_exp(*v - max);
-            }
-            let inv = 1.0 / lanes_sum(row);
-            row.iter_mut().for_each(|v| *v *= inv);
-        }
+        simd::masked_softmax_rows(p, &mask[b * z.t..(b + 1) * z.t], z.t);
     }
 
     /// `pd = dropout(p)` for block `bh` (the flat (B, heads, T, T) index).
-    fn drop_into(&self, dr: &DropMask, z: &Dims, bh: usize, p: &[f32], pd: &mut [f32]) {
-        let base = (bh * z.t * z.t) as u64;
-        for (i, (o, &x)) in pd.iter_mut().zip(p).enumerate() {
-            *o = if dr.keep(base + i as u64) { x * dr.scale } else { 0.0 };
-        }
+    fn drop_into(&self, dr: &Mask, z: &Dims, bh: usize, p: &[f32], pd: &mut [f32]) {
+        dr.apply((bh * z.t * z.t) as u64, p, pd, false)
     }
 }
 
@@ -283,18 +213,10 @@ impl CustomOp3 for Attention {
                                         // dV = Pdᵀ·dO (T×d)
                                         mm(z.t, z.d, z.t, pdv.0.add(off), z.h, false, pp.as_ptr(), 1, z.t, go, z.h, 1, 1.0);
                                         if let Some(dr) = &self.dropout {
-                                            let base = (bh * tt) as u64;
-                                            for (i, x) in dp.iter_mut().enumerate() {
-                                                *x = if dr.keep(base + i as u64) { *x * dr.scale } else { 0.0 };
-                                            }
+                                            dr.apply_inplace((bh * tt) as u64, dp);
                                         }
                                         // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
-                                        for (dr, pr) in dp.chunks_mut(z.t).zip(p.chunks(z.t)) {
-                                            let s = lanes_dot(dr, pr);
-                                            for (x, &pv) in dr.iter_mut().zip(pr) {
-                                                *x = pv * (*x - s);
-                                            }
-                                        }
+                                        simd::softmax_bwd_inplace_rows(p, dp, z.t);
                                         // dQ = dS·K·scale, dK = dSᵀ·Q·scale
                                         mm(z.t, z.d, z.t, pdq.0.add(off), z.h, false, dp.as_ptr(), z.t, 1, kd.as_ptr().add(off), z.h, 1, self.scale);
                                         mm(z.t, z.d, z.t, pdk.0.add(off), z.h, false, dp.as_ptr(), 1, z.t, qd.as_ptr().add(off), z.h, 1, self.scale);
@@ -324,11 +246,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
         candle_core::bail!("dropout probability must be in [0, 1), got {p}")
     }
     let d = q.dim(2)? / heads.max(1);
-    let dropout = (train && p > 0.0).then(|| DropMask {
-        seed: next_dropout_seed(),
-        threshold: ((p as f64) * 4294967296.0).min(4294967295.0) as u32,
-        scale: 1.0 / (1.0 - p),
-    });
+    let dropout = (train && p > 0.0).then(|| Mask::new(next_dropout_seed(), p));
     let keep = q.track_op() || k.track_op() || v.track_op();
     let op = Attention { heads, scale: 1.0 / (d as f32).sqrt(), bias: mask.detach().contiguous()?, dropout, keep, saved: Default::default() };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)

@@ -6,14 +6,17 @@ pub mod attention;
 pub mod builder;
 pub mod error;
 pub mod lora;
+pub mod lora_op;
 pub mod ops;
 pub mod ops_decoder;
 pub mod qgemv;
+pub mod residual_norm;
+pub mod simd;
 pub mod target;
 pub mod weights;
 
 pub use builder::{init_pair, AdapterPlan, AdapterSet, ModelBuilder, NamedVar, Preloaded, WeightInitFn, WeightInitHook};
 pub use error::{CoreError, Result};
-pub use lora::{scaling, FrozenWeight, Linear, LoraConfig, LoraInit, LoraWeights};
+pub use lora::{no_grad, NoGradGuard, scaling, FrozenWeight, Linear, LoraConfig, LoraInit, LoraWeights};
 pub use target::{TargetModules, TargetSpec};
 pub use weights::{MemorySource, SafetensorsSource, WeightSource};

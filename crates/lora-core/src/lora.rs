@@ -14,6 +14,42 @@ use candle_core::quantized::QTensor;
 use candle_core::{Tensor, Var};
 use std::sync::{Arc, RwLock};
 
+thread_local! {
+    static NO_GRAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// While the returned guard lives, layers on this thread use their trainable
+/// tensors detached: the forward pass records no graph, so intermediates
+/// (attention probabilities, saved activations) are freed as soon as they
+/// are used. For evaluation, prediction and generation; like PyTorch's
+/// `torch.no_grad()`.
+#[must_use = "the guard re-enables gradients when dropped"]
+pub fn no_grad() -> NoGradGuard {
+    NO_GRAD.with(|c| c.set(c.get() + 1));
+    NoGradGuard(())
+}
+
+pub struct NoGradGuard(());
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        NO_GRAD.with(|c| c.set(c.get().saturating_sub(1)));
+    }
+}
+
+fn grad_enabled() -> bool {
+    NO_GRAD.with(|c| c.get() == 0)
+}
+
+/// The tensor of a trainable parameter, detached under [`no_grad`].
+fn param(v: &Var) -> Tensor {
+    if grad_enabled() {
+        v.as_tensor().clone()
+    } else {
+        v.as_tensor().detach()
+    }
+}
+
 /// How `A` and `B` start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LoraInit {
@@ -301,8 +337,21 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let inner = self.read();
         match &inner.base {
-            Base::Trainable { weight, bias } => {
-                ops::linear_reference(x, weight.as_tensor(), bias.as_ref().map(|b| b.as_tensor()))
+            Base::Trainable { weight, bias } => ops::linear_reference(x, &param(weight), bias.as_ref().map(param).as_ref()),
+            // Unmerged adapter over a dense weight, or over a quantized one at
+            // training/prefill sizes (single-row decoding keeps the quantized
+            // dot-product kernel): the fused op (lora_op.rs).
+            Base::Frozen { weight, bias } if inner.lora.is_some() && !inner.merged => {
+                let l = inner.lora.as_ref().expect("checked");
+                let w = FrozenWeight::Dense(weight.clone());
+                crate::lora_op::lora_linear(x, &w, bias.as_ref(), &param(&l.a), &param(&l.b), l.scaling, l.dropout, train)
+            }
+            Base::Quantized { weight, bias, merged: None }
+                if inner.lora.is_some() && x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1) >= crate::ops_decoder::DEQUANT_GEMM_MIN_ROWS =>
+            {
+                let l = inner.lora.as_ref().expect("checked");
+                let w = FrozenWeight::Quantized(weight.clone());
+                crate::lora_op::lora_linear(x, &w, bias.as_ref(), &param(&l.a), &param(&l.b), l.scaling, l.dropout, train)
             }
             Base::Frozen { .. } | Base::Quantized { .. } => {
                 let y = match &inner.base {
@@ -409,8 +458,8 @@ fn lora_branch(x: &Tensor, l: &LoraWeights) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_f = *dims.last().unwrap_or(&0);
     let x2 = x.reshape(((), in_f))?;
-    let h = (x2.matmul(&l.a.as_tensor().t()?)? * l.scaling)?;
-    let y = h.matmul(&l.b.as_tensor().t()?)?;
+    let h = (x2.matmul(&param(&l.a).t()?)? * l.scaling)?;
+    let y = h.matmul(&param(&l.b).t()?)?;
     let mut out = dims;
     *out.last_mut().expect("rank >= 1") = y.dim(1)?;
     y.reshape(out)
@@ -475,6 +524,21 @@ mod tests {
             assert!(n > 0.0);
         }
         assert!(g.get(&l.weight().unwrap()).is_none());
+    }
+
+    #[test]
+    fn no_grad_records_no_graph() {
+        let l = layer(2);
+        let x = rand(&[3, 5]);
+        let y = l.forward(&x, false).unwrap();
+        assert!(y.track_op());
+        let y2 = {
+            let _g = no_grad();
+            l.forward(&x, false).unwrap()
+        };
+        assert!(!y2.track_op());
+        assert!(max_abs(&y, &y2) < 1e-6);
+        assert!(l.forward(&x, false).unwrap().track_op(), "the guard re-enables gradients");
     }
 
     #[test]

@@ -11,7 +11,14 @@
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
 };
+use crate::simd::{self, Mask};
 use rayon::prelude::*;
+
+/// Rows of width `h` per parallel task: about 16K elements, so that small
+/// rows are not one rayon task each.
+pub(crate) fn rows_per_task(h: usize) -> usize {
+    (16384 / h.max(1)).max(1)
+}
 
 pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &'static str) -> Result<&'a [f32]> {
     let data = match s {
@@ -61,7 +68,28 @@ pub(crate) fn sgemm(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
+    sgemm_scaled(m, n, k, dst, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, 1.0)
+}
+
+/// [`sgemm`] with the product scaled: `dst = [dst +] scale · lhs · rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_scaled(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+) {
     debug_assert!(dst.len() >= m * n);
+    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    debug_assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     // SAFETY: the slices are large enough for the given shapes and strides
     // (checked by the callers, which derive them from tensor layouts).
     unsafe {
@@ -80,7 +108,7 @@ pub(crate) fn sgemm(
             rhs_cs as isize,
             rhs_rs as isize,
             if accumulate { 1.0 } else { 0.0 },
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -180,13 +208,6 @@ struct LayerNorm {
     eps: f32,
 }
 
-fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
-    let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 impl CustomOp1 for LayerNorm {
     fn name(&self) -> &'static str {
         "layer-norm"
@@ -198,12 +219,10 @@ impl CustomOp1 for LayerNorm {
         let mut dst = vec![0f32; x.len()];
         with_f32(&self.gamma, "layer-norm", |g| {
             with_f32(&self.beta, "layer-norm", |b| {
-                dst.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(d, row)| {
-                    let (mean, rstd) = row_stats(row, self.eps);
-                    for i in 0..h {
-                        d[i] = (row[i] - mean) * rstd * g[i] + b[i];
-                    }
-                })
+                let rows = rows_per_task(h);
+                dst.par_chunks_mut(h * rows)
+                    .zip(x.par_chunks(h * rows))
+                    .for_each(|(d, x)| simd::layer_norm_rows(x, g, b, self.eps, d, h))
             })
         })??;
         Ok((CpuStorage::F32(dst), l.shape().clone()))
@@ -217,24 +236,10 @@ impl CustomOp1 for LayerNorm {
         with_f32(&x, "layer-norm-bwd", |x| {
             with_f32(&g, "layer-norm-bwd", |gr| {
                 with_f32(&self.gamma, "layer-norm-bwd", |gamma| {
-                    dx.par_chunks_mut(h)
-                        .zip(x.par_chunks(h).zip(gr.par_chunks(h)))
-                        .for_each(|(d, (row, gr))| {
-                            let (mean, rstd) = row_stats(row, self.eps);
-                            // dx = rstd * (gγ - mean(gγ) - x̂ · mean(gγ·x̂))
-                            let (mut s1, mut s2) = (0f32, 0f32);
-                            for i in 0..h {
-                                let gg = gr[i] * gamma[i];
-                                let xh = (row[i] - mean) * rstd;
-                                s1 += gg;
-                                s2 += gg * xh;
-                            }
-                            let (s1, s2) = (s1 / h as f32, s2 / h as f32);
-                            for i in 0..h {
-                                let xh = (row[i] - mean) * rstd;
-                                d[i] = rstd * (gr[i] * gamma[i] - s1 - xh * s2);
-                            }
-                        })
+                    let rows = rows_per_task(h);
+                    dx.par_chunks_mut(h * rows)
+                        .zip(x.par_chunks(h * rows).zip(gr.par_chunks(h * rows)))
+                        .for_each(|(d, (x, gr))| simd::layer_norm_bwd_rows(x, gr, gamma, self.eps, d, h))
                 })
             })
         })???;
@@ -279,12 +284,8 @@ impl CustomOp1 for Softmax {
         let h = l.dims().last().copied().unwrap_or(1);
         let mut dst = vec![0f32; x.len()];
         dst.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(d, row)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for i in 0..h {
-                d[i] = fast_exp(row[i] - max);
-            }
-            let inv = 1.0 / d.iter().sum::<f32>();
-            d.iter_mut().for_each(|v| *v *= inv);
+            d.copy_from_slice(row);
+            simd::softmax_inplace(d);
         });
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
@@ -296,14 +297,10 @@ impl CustomOp1 for Softmax {
         let mut dx = vec![0f32; y.elem_count()];
         with_f32(&y, "softmax-bwd", |y| {
             with_f32(&g, "softmax-bwd", |g| {
-                dx.par_chunks_mut(h)
-                    .zip(y.par_chunks(h).zip(g.par_chunks(h)))
-                    .for_each(|(d, (y, g))| {
-                        let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                        for i in 0..h {
-                            d[i] = y[i] * (g[i] - dot);
-                        }
-                    })
+                let rows = rows_per_task(h);
+                dx.par_chunks_mut(h * rows)
+                    .zip(y.par_chunks(h * rows).zip(g.par_chunks(h * rows)))
+                    .for_each(|(d, (y, g))| simd::softmax_bwd_rows(y, g, d, h))
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
@@ -353,18 +350,8 @@ impl CustomOp1 for MaskedSoftmax {
         with_f32(&self.bias, "masked-softmax", |bias| {
             dst.par_chunks_mut(h).zip(x.par_chunks(h)).enumerate().for_each(|(r, (d, row))| {
                 let bi = r / rows_per_batch;
-                let m = &bias[bi * t..(bi + 1) * t];
-                let mut max = f32::NEG_INFINITY;
-                for i in 0..h {
-                    let v = row[i] + m[i];
-                    d[i] = v;
-                    max = max.max(v);
-                }
-                for v in d.iter_mut() {
-                    *v = fast_exp(*v - max);
-                }
-                let inv = 1.0 / d.iter().sum::<f32>();
-                d.iter_mut().for_each(|v| *v *= inv);
+                d.copy_from_slice(row);
+                simd::masked_softmax_rows(d, &bias[bi * t..(bi + 1) * t], t);
             })
         })?;
         Ok((CpuStorage::F32(dst), l.shape().clone()))
@@ -390,53 +377,9 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
 // GELU (erf form, as in BERT).
 // ---------------------------------------------------------------------------
 
-/// `e^x` in f32 without a libm call, so loops over it vectorize: round to
-/// `n = x·log2(e)`, a degree-6 Taylor polynomial on the remainder
-/// (|f| <= ln2/2, relative error < 2e-7), and `2^n` built from the exponent
-/// bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
-#[inline(always)]
-pub fn fast_exp(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    let r = x * std::f32::consts::LOG2_E + MAGIC;
-    let n = r - MAGIC;
-    let f = (x - n * LN2_HI) - n * LN2_LO;
-    let p = 1.0
-        + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
-    let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    f32::from_bits(((ni + 127) << 23) as u32) * p
-}
-
-/// erf in f32: Abramowitz & Stegun 7.1.26-style rational fit refined by
-/// Numerical Recipes' erfc Chebyshev form, evaluated in f32 (max abs error
-/// ~1e-6, far inside the 1e-4 model tolerance; f64 `exp` was 10% of a step).
-#[inline]
-pub fn erf(x: f32) -> f32 {
-    let z = x.abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_2
-        + t * (1.000_023_7
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = t * fast_exp(poly);
-    let v = 1.0 - r;
-    if x >= 0.0 {
-        v
-    } else {
-        -v
-    }
-}
+pub use crate::simd::{erf, fast_exp};
 
 struct GeluErf;
-
-const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-const INV_SQRT_2PI: f32 = 0.398_942_3;
 
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
@@ -446,11 +389,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut dst = vec![0f32; x.len()];
-        dst.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(d, x)| {
-            for (d, &v) in d.iter_mut().zip(x) {
-                *d = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
-            }
-        });
+        dst.par_chunks_mut(4096).zip(x.par_chunks(4096)).for_each(|(d, x)| simd::gelu_fwd(x, d));
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 
@@ -462,14 +401,7 @@ impl CustomOp1 for GeluErf {
             with_f32(&g, "gelu-bwd", |g| {
                 dx.par_chunks_mut(4096)
                     .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-                    .for_each(|(d, (x, g))| {
-                        for i in 0..d.len() {
-                            let v = x[i];
-                            let cdf = 0.5 * (1.0 + erf(v * INV_SQRT2));
-                            let pdf = INV_SQRT_2PI * fast_exp(-0.5 * v * v);
-                            d[i] = g[i] * (cdf + v * pdf);
-                        }
-                    })
+                    .for_each(|(d, (x, g))| simd::gelu_bwd(x, g, d))
             })
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -497,24 +429,6 @@ pub fn set_dropout_seed(seed: u64) {
     DROPOUT_STATE.store(splitmix64(seed), std::sync::atomic::Ordering::SeqCst);
 }
 
-#[inline(always)]
-fn fmix32(mut x: u32) -> u32 {
-    x ^= x >> 16;
-    x = x.wrapping_mul(0x85eb_ca6b);
-    x ^= x >> 13;
-    x = x.wrapping_mul(0xc2b2_ae35);
-    x ^ (x >> 16)
-}
-
-/// The 32-bit hash behind a dropout mask: element `idx` of the mask with
-/// `seed` is kept when `mask_hash(seed, idx) >= threshold`. Two rounds of
-/// murmur3's finalizer on 32-bit lanes, so mask loops vectorize.
-#[inline(always)]
-pub(crate) fn mask_hash(seed: u64, idx: u64) -> u32 {
-    let x = (idx as u32) ^ ((idx >> 32) as u32).wrapping_mul(0x27d4_eb2d) ^ (seed as u32);
-    fmix32(fmix32(x) ^ (seed >> 32) as u32)
-}
-
 /// The seed of the next dropout mask (one per call, from the seeded sequence).
 pub(crate) fn next_dropout_seed() -> u64 {
     splitmix64(DROPOUT_STATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
@@ -529,20 +443,13 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 struct Dropout {
-    seed: u64,
-    /// Keep an element when its 32-bit hash is >= threshold.
-    threshold: u32,
-    scale: f32,
+    mask: Mask,
 }
 
 impl Dropout {
     fn apply(&self, src: &[f32], dst: &mut [f32]) {
         dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).enumerate().for_each(|(c, (d, s))| {
-            let base = (c * 4096) as u64;
-            for i in 0..d.len() {
-                let h = mask_hash(self.seed, base + i as u64);
-                d[i] = if h >= self.threshold { s[i] * self.scale } else { 0.0 };
-            }
+            self.mask.apply((c * 4096) as u64, s, d, false)
         });
     }
 }
@@ -578,12 +485,7 @@ pub fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return candle_nn::ops::dropout(x, p);
     }
-    let seed = next_dropout_seed();
-    let op = Dropout {
-        seed,
-        threshold: ((p as f64) * 4294967296.0).min(4294967295.0) as u32,
-        scale: 1.0 / (1.0 - p),
-    };
+    let op = Dropout { mask: Mask::new(next_dropout_seed(), p) };
     x.contiguous()?.apply_op1(op)
 }
 

@@ -9,6 +9,7 @@
 //! which the tests use to check values and gradients.
 
 use crate::ops::{f32_slice, fast_exp, sgemm, with_f32};
+use crate::simd;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -34,13 +35,8 @@ impl CustomOp1 for RmsNorm {
         let h = l.dims().last().copied().unwrap_or(1);
         let mut dst = vec![0f32; x.len()];
         with_f32(&self.gamma, "rms-norm", |g| {
-            dst.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(d, row)| {
-                let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                let r = 1.0 / (ms + self.eps).sqrt();
-                for i in 0..h {
-                    d[i] = row[i] * r * g[i];
-                }
-            })
+            let chunk = h * crate::ops::rows_per_task(h);
+            dst.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(d, x)| simd::rms_norm_rows(x, g, self.eps, d, h))
         })?;
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
@@ -53,21 +49,11 @@ impl CustomOp1 for RmsNorm {
         with_f32(&x, "rms-norm-bwd", |x| {
             with_f32(&gr, "rms-norm-bwd", |gr| {
                 with_f32(&self.gamma, "rms-norm-bwd", |gamma| {
-                    dx.par_chunks_mut(h)
-                        .zip(x.par_chunks(h).zip(gr.par_chunks(h)))
-                        .for_each(|(d, (x, g))| {
-                            let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
-                            let r = 1.0 / (ms + self.eps).sqrt();
-                            // dy' = g·γ; dx = r·(dy' − x̂·mean(dy'·x̂)), x̂ = x·r
-                            let mut dot = 0f32;
-                            for i in 0..h {
-                                dot += g[i] * gamma[i] * x[i] * r;
-                            }
-                            let mean = dot / h as f32;
-                            for i in 0..h {
-                                d[i] = r * (g[i] * gamma[i] - x[i] * r * mean);
-                            }
-                        })
+                    // dy' = g·γ; dx = r·(dy' − x̂·mean(dy'·x̂)), x̂ = x·r
+                    let chunk = h * crate::ops::rows_per_task(h);
+                    dx.par_chunks_mut(chunk)
+                        .zip(x.par_chunks(chunk).zip(gr.par_chunks(chunk)))
+                        .for_each(|(d, (x, g))| simd::rms_norm_bwd_rows(x, g, gamma, self.eps, d, h))
                 })
             })
         })???;
@@ -199,15 +185,8 @@ impl CustomOp1 for CausalSoftmax {
         let mut dst = vec![0f32; x.len()];
         dst.par_chunks_mut(tk).zip(x.par_chunks(tk)).enumerate().for_each(|(r, (d, row))| {
             let n = self.offset + r % tq + 1; // keys this query may see
-            let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for i in 0..n {
-                let e = fast_exp(row[i] - max);
-                d[i] = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            d[..n].iter_mut().for_each(|v| *v *= inv);
+            d[..n].copy_from_slice(&row[..n]);
+            simd::softmax_inplace(&mut d[..n]);
         });
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
@@ -253,10 +232,6 @@ pub fn causal_softmax_reference(scores: &Tensor, offset: usize) -> Result<Tensor
 
 struct SiluMul;
 
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + fast_exp(-x))
-}
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
@@ -270,11 +245,7 @@ impl CustomOp2 for SiluMul {
             candle_core::bail!("silu-mul: shapes {:?} and {:?} differ", l1.dims(), l2.dims())
         }
         let mut dst = vec![0f32; g.len()];
-        dst.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(d, (g, u))| {
-            for i in 0..d.len() {
-                d[i] = g[i] * sigmoid(g[i]) * u[i];
-            }
-        });
+        dst.par_chunks_mut(4096).zip(g.par_chunks(4096).zip(u.par_chunks(4096))).for_each(|(d, (g, u))| simd::silu_mul_fwd(g, u, d));
         Ok((CpuStorage::F32(dst), l1.shape().clone()))
     }
 
@@ -291,11 +262,8 @@ impl CustomOp2 for SiluMul {
                         .enumerate()
                         .for_each(|(c, (dgc, duc))| {
                             let o = c * 4096;
-                            for i in 0..dgc.len() {
-                                let (x, s) = (g[o + i], sigmoid(g[o + i]));
-                                duc[i] = gr[o + i] * x * s;
-                                dgc[i] = gr[o + i] * u[o + i] * s * (1.0 + x * (1.0 - s));
-                            }
+                            let e = o + dgc.len();
+                            simd::silu_mul_bwd(&g[o..e], &u[o..e], &gr[o..e], dgc, duc)
                         })
                 })
             })
@@ -413,7 +381,7 @@ struct FrozenQLinear {
     weight: Arc<QTensor>,
 }
 
-fn dequantized(w: &QTensor) -> Result<Tensor> {
+pub(crate) fn dequantized(w: &QTensor) -> Result<Tensor> {
     match crate::qgemv::dequantize(w)? {
         Some(v) => Tensor::from_vec(v, w.shape(), &candle_core::Device::Cpu),
         None => w.dequantize(&candle_core::Device::Cpu),

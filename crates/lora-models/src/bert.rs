@@ -182,6 +182,11 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         ops::layer_norm(x, &self.gamma, &self.beta, self.eps)
     }
+
+    /// `LayerNorm(dropout(y) + residual)` in one op (the end of a sub-layer).
+    pub fn add_dropout_forward(&self, y: &Tensor, residual: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+        lora_core::residual_norm::add_dropout_layer_norm(y, residual, &self.gamma, &self.beta, self.eps, p as f32, train)
+    }
 }
 
 struct Embeddings {
@@ -253,8 +258,7 @@ impl SelfAttention {
         // LORA_REFERENCE_ATTENTION=1 selects the unfused path (benchmark A/B).
         let attn = if reference_attention() { lora_core::attention::attention_reference } else { lora_core::attention::attention };
         let ctx = attn(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
-        let y = dropout(&self.out.forward(&ctx, train)?, self.hidden_dropout, train)?;
-        self.norm.forward(&(y + x)?)
+        self.norm.add_dropout_forward(&self.out.forward(&ctx, train)?, x, self.hidden_dropout, train)
     }
 }
 
@@ -286,8 +290,7 @@ impl Layer {
     fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let a = self.attention.forward(x, mask_bias, train)?; // (B, T, H)
         let i = self.act.apply(&self.intermediate.forward(&a, train)?)?; // (B, T, F)
-        let o = dropout(&self.output.forward(&i, train)?, self.dropout, train)?;
-        self.norm.forward(&(o + a)?)
+        self.norm.add_dropout_forward(&self.output.forward(&i, train)?, &a, self.dropout, train)
     }
 }
 

@@ -171,6 +171,7 @@ fn held_back(text: &str, stops: &[String]) -> usize {
 /// as it becomes final (stop strings are never streamed).
 pub fn generate(lm: &CausalLm, prompt_ids: &[u32], cfg: &SamplingConfig, on_text: &mut dyn FnMut(&str)) -> Result<Generation> {
     cfg.validate()?;
+    let _no_grad = lora_core::no_grad();
     let ctx = lm.model.config.max_position_embeddings;
     if prompt_ids.is_empty() {
         return Err(TaskError::Input("the prompt is empty".into()));

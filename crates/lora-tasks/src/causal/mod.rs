@@ -130,6 +130,7 @@ impl CausalLm {
 
     /// Token-weighted mean loss and perplexity over examples (eval mode).
     pub fn perplexity(&self, examples: &[LmExample], batch_size: usize, progress: &mut dyn FnMut(usize)) -> Result<(f64, f64, usize)> {
+        let _no_grad = lora_core::no_grad();
         let mut total = 0f64;
         let mut n = 0usize;
         let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 /// Logits (N, C) for encoded examples, in input order.
 pub fn predict_logits(clf: &Classifier, ids: &[Vec<u32>], batch_size: usize, device: &Device, progress: &mut dyn FnMut(usize)) -> Result<Vec<Vec<f32>>> {
+    let _no_grad = lora_core::no_grad();
     let lengths: Vec<usize> = ids.iter().map(|s| s.len()).collect();
     let mut out: Vec<Vec<f32>> = vec![vec![]; ids.len()];
     for batch in data::make_batches(&lengths, batch_size, None) {

@@ -1,0 +1,189 @@
+//! `LayerNorm(dropout(y) + residual)` as one op: the end of every BERT
+//! sub-layer. Unfused it is three graph nodes (dropout, add, LayerNorm),
+//! three parallel regions and three buffers each way; here one pass forward
+//! and one backward, which returns the same gradient to the residual and its
+//! masked copy to `y`. The dropout mask is the one [`crate::ops::dropout`]
+//! would draw from the same seed, so [`add_dropout_layer_norm_reference`]
+//! (the unfused ops) gives the same values; the tests check both gradients
+//! against it.
+
+use crate::ops::{dropout, f32_slice, layer_norm, next_dropout_seed, rows_per_task, with_f32};
+use crate::simd::{self, Mask};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+struct AddDropoutNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f32,
+    mask: Option<Mask>,
+    /// Keep the normalised input `z = dropout(y) + residual` for the backward pass.
+    keep: bool,
+    saved: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl AddDropoutNorm {
+    /// `z = dropout(y) + residual`, in parallel chunks of whole rows.
+    fn sum(&self, y: &[f32], r: &[f32], h: usize) -> Vec<f32> {
+        let mut z = r.to_vec();
+        match &self.mask {
+            Some(m) => {
+                let chunk = h * rows_per_task(h);
+                z.par_chunks_mut(chunk)
+                    .zip(y.par_chunks(chunk))
+                    .enumerate()
+                    .for_each(|(c, (z, y))| m.apply((c * chunk) as u64, y, z, true));
+            }
+            None => z.par_chunks_mut(16384).zip(y.par_chunks(16384)).for_each(|(z, y)| {
+                for (a, b) in z.iter_mut().zip(y) {
+                    *a += b;
+                }
+            }),
+        }
+        z
+    }
+}
+
+impl CustomOp2 for AddDropoutNorm {
+    fn name(&self) -> &'static str {
+        "add-dropout-layer-norm"
+    }
+
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
+        if yl.dims() != rl.dims() {
+            candle_core::bail!("add-dropout-layer-norm: input {:?} and residual {:?} differ", yl.dims(), rl.dims())
+        }
+        let y = f32_slice(ys, yl, "add-dropout-layer-norm")?;
+        let r = f32_slice(rs, rl, "add-dropout-layer-norm")?;
+        let h = yl.dims().last().copied().unwrap_or(1);
+        let z = self.sum(y, r, h);
+        let mut dst = vec![0f32; z.len()];
+        with_f32(&self.gamma, "add-dropout-layer-norm", |g| {
+            with_f32(&self.beta, "add-dropout-layer-norm", |b| {
+                let chunk = h * rows_per_task(h);
+                dst.par_chunks_mut(chunk).zip(z.par_chunks(chunk)).for_each(|(d, z)| simd::layer_norm_rows(z, g, b, self.eps, d, h))
+            })
+        })??;
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(z);
+        }
+        Ok((CpuStorage::F32(dst), yl.shape().clone()))
+    }
+
+    fn bwd(&self, y: &Tensor, r: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let h = y.dims().last().copied().unwrap_or(1);
+        let g = grad.contiguous()?;
+        let z = match self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(z) => z,
+            None => {
+                let (y, r) = (y.contiguous()?, r.contiguous()?);
+                with_f32(&y, "add-dropout-layer-norm-bwd", |yv| with_f32(&r, "add-dropout-layer-norm-bwd", |rv| self.sum(yv, rv, h)))??
+            }
+        };
+        let mut dz = vec![0f32; z.len()];
+        with_f32(&g, "add-dropout-layer-norm-bwd", |gv| {
+            with_f32(&self.gamma, "add-dropout-layer-norm-bwd", |gamma| {
+                let chunk = h * rows_per_task(h);
+                dz.par_chunks_mut(chunk)
+                    .zip(z.par_chunks(chunk).zip(gv.par_chunks(chunk)))
+                    .for_each(|(d, (z, g))| simd::layer_norm_bwd_rows(z, g, gamma, self.eps, d, h))
+            })
+        })??;
+        drop(z);
+        let dy = if y.track_op() {
+            Some(match &self.mask {
+                Some(m) => {
+                    let mut dy = vec![0f32; dz.len()];
+                    let chunk = h * rows_per_task(h);
+                    dy.par_chunks_mut(chunk)
+                        .zip(dz.par_chunks(chunk))
+                        .enumerate()
+                        .for_each(|(c, (d, s))| m.apply((c * chunk) as u64, s, d, false));
+                    Tensor::from_vec(dy, y.shape(), y.device())?
+                }
+                None => Tensor::from_vec(dz.clone(), y.shape(), y.device())?,
+            })
+        } else {
+            None
+        };
+        let dr = if r.track_op() { Some(Tensor::from_vec(dz, r.shape(), r.device())?) } else { None };
+        Ok((dy, dr))
+    }
+}
+
+/// Whether [`add_dropout_layer_norm`] falls back to the unfused ops
+/// (`LORA_REFERENCE_NORM=1`, for A/B runs).
+fn reference_requested() -> bool {
+    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FLAG.get_or_init(|| std::env::var("LORA_REFERENCE_NORM").is_ok_and(|v| v == "1"))
+}
+
+/// `LayerNorm(dropout(y) + residual)` over the last dim with frozen `gamma`,
+/// `beta`; dropout `p` applies only when `train`.
+pub fn add_dropout_layer_norm(y: &Tensor, residual: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, p: f32, train: bool) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability must be in [0, 1), got {p}")
+    }
+    let cpu = [y, residual].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !cpu || reference_requested() {
+        return add_dropout_layer_norm_reference(y, residual, gamma, beta, eps, p, train);
+    }
+    let op = AddDropoutNorm {
+        gamma: gamma.detach().contiguous()?,
+        beta: beta.detach().contiguous()?,
+        eps: eps as f32,
+        mask: (train && p > 0.0).then(|| Mask::new(next_dropout_seed(), p)),
+        keep: y.track_op() || residual.track_op(),
+        saved: Default::default(),
+    };
+    y.contiguous()?.apply_op2(&residual.contiguous()?, op)
+}
+
+/// The same from the standalone dropout and LayerNorm ops and candle's add.
+pub fn add_dropout_layer_norm_reference(y: &Tensor, residual: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64, p: f32, train: bool) -> Result<Tensor> {
+    let y = if train && p > 0.0 { dropout(y, p)? } else { y.clone() };
+    layer_norm(&(y + residual)?, gamma, beta, eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::set_dropout_seed;
+    use crate::ops::tests::{max_abs, randn, DROPOUT_LOCK};
+    use candle_core::Var;
+
+    #[test]
+    fn fused_matches_reference_values_and_gradients() {
+        let _lock = DROPOUT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let (b, t, h) = (3, 5, 40);
+        let y = Var::from_tensor(&randn(&[b, t, h], 1)).unwrap();
+        let r = Var::from_tensor(&randn(&[b, t, h], 2)).unwrap();
+        let gamma = randn(&[h], 3);
+        let beta = randn(&[h], 4);
+        let wts = randn(&[b, t, h], 5);
+        type F = fn(&Tensor, &Tensor, &Tensor, &Tensor, f64, f32, bool) -> Result<Tensor>;
+        let run = |f: F, p: f32| {
+            set_dropout_seed(21);
+            let out = f(y.as_tensor(), r.as_tensor(), &gamma, &beta, 1e-12, p, true).unwrap();
+            let g = (out.clone() * &wts).unwrap().sum_all().unwrap().backward().unwrap();
+            (out, g.get(y.as_tensor()).unwrap().clone(), g.get(r.as_tensor()).unwrap().clone())
+        };
+        for p in [0.0f32, 0.25] {
+            let (o1, dy1, dr1) = run(add_dropout_layer_norm, p);
+            let (o2, dy2, dr2) = run(add_dropout_layer_norm_reference, p);
+            assert!(max_abs(&o1, &o2) < 1e-5, "p={p}: values differ by {}", max_abs(&o1, &o2));
+            assert!(max_abs(&dy1, &dy2) < 1e-4, "p={p}: dy differs by {}", max_abs(&dy1, &dy2));
+            assert!(max_abs(&dr1, &dr2) < 1e-4, "p={p}: dresidual differs by {}", max_abs(&dr1, &dr2));
+        }
+        // A frozen residual gets no gradient; y still does.
+        let rc = randn(&[b, t, h], 2);
+        set_dropout_seed(21);
+        let out = add_dropout_layer_norm(y.as_tensor(), &rc, &gamma, &beta, 1e-12, 0.25, true).unwrap();
+        let g = out.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&rc).is_none() && g.get(y.as_tensor()).is_some());
+        // Evaluation: no dropout.
+        let e1 = add_dropout_layer_norm(y.as_tensor(), &rc, &gamma, &beta, 1e-12, 0.25, false).unwrap();
+        let e2 = layer_norm(&(y.as_tensor() + &rc).unwrap(), &gamma, &beta, 1e-12).unwrap();
+        assert!(max_abs(&e1, &e2) < 1e-6);
+    }
+}
