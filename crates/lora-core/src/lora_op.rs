@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, next_dropout_seed, sgemm, sgemm_scaled, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, next_dropout_seed, sgemm, sgemm_new, with_f32};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -73,16 +73,14 @@ impl LoraLinear {
 
     /// `s·dropout(x)·Aᵀ` (M×r).
     fn branch_in(&self, z: &Dims, x: &[f32], a: &[f32]) -> Vec<f32> {
-        let mut h = vec![0f32; z.m * z.r];
         match &self.dropout {
             Some(dm) => {
                 let mut xd = vec![0f32; x.len()];
                 mask_par(dm, x, &mut xd, false);
-                sgemm_scaled(z.m, z.r, z.in_f, &mut h, false, &xd, z.in_f, 1, a, 1, z.in_f, self.scaling);
+                sgemm_new(z.m, z.r, z.in_f, &xd, z.in_f, 1, a, 1, z.in_f, self.scaling)
             }
-            None => sgemm_scaled(z.m, z.r, z.in_f, &mut h, false, x, z.in_f, 1, a, 1, z.in_f, self.scaling),
+            None => sgemm_new(z.m, z.r, z.in_f, x, z.in_f, 1, a, 1, z.in_f, self.scaling),
         }
-        h
     }
 }
 
@@ -96,17 +94,15 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(xs, xl, "lora-linear")?;
         let a = f32_slice(as_, al, "lora-linear")?;
         let b = f32_slice(bs, bl, "lora-linear")?;
-        let mut dst = vec![0f32; z.m * z.out_f];
-        let accumulate = match &self.bias {
+        let w = self.dense_weight()?;
+        let mut dst = match &self.bias {
             Some(bias) => {
-                with_f32(bias, "lora-linear", |bv| dst.par_chunks_mut(z.out_f).for_each(|row| row.copy_from_slice(bv)))?;
-                true
+                let mut dst = with_f32(bias, "lora-linear", |bv| bv.repeat(z.m))?;
+                with_f32(&w, "lora-linear", |w| sgemm(z.m, z.out_f, z.in_f, &mut dst, true, x, z.in_f, 1, w, 1, z.in_f))?;
+                dst
             }
-            None => false,
+            None => with_f32(&w, "lora-linear", |w| sgemm_new(z.m, z.out_f, z.in_f, x, z.in_f, 1, w, 1, z.in_f, 1.0))?,
         };
-        with_f32(&self.dense_weight()?, "lora-linear", |w| {
-            sgemm(z.m, z.out_f, z.in_f, &mut dst, accumulate, x, z.in_f, 1, w, 1, z.in_f)
-        })?;
         let h = self.branch_in(&z, x, a);
         // dst += h·Bᵀ: rhs (r×out) element (j, o) at b[o*r + j].
         sgemm(z.m, z.out_f, z.r, &mut dst, true, &h, z.r, 1, b, 1, z.r);
@@ -123,7 +119,7 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (x.contiguous()?, a.contiguous()?, b.contiguous()?);
         let z = self.dims(x.layout(), a.layout(), b.layout())?;
         let need_dx = x.track_op();
-        let (mut dx, mut da, mut db) = (vec![0f32; if need_dx { z.m * z.in_f } else { 0 }], vec![0f32; z.r * z.in_f], vec![0f32; z.out_f * z.r]);
+        let (mut dx, mut da, mut db) = (Vec::new(), Vec::new(), Vec::new());
         with_f32(&x, "lora-linear-bwd", |xv| {
             with_f32(&a, "lora-linear-bwd", |av| {
                 with_f32(&b, "lora-linear-bwd", |bv| {
@@ -132,27 +128,25 @@ impl CustomOp3 for LoraLinear {
                             let h = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
                             let h = h.unwrap_or_else(|| self.branch_in(&z, xv, av));
                             // dB = gᵀ·h (out×r): lhs gᵀ element (o, i) at g[i*out + o].
-                            sgemm(z.out_f, z.r, z.m, &mut db, false, gv, 1, z.out_f, &h, z.r, 1);
+                            db = sgemm_new(z.out_f, z.r, z.m, gv, 1, z.out_f, &h, z.r, 1, 1.0);
                             // gb = s·g·B (M×r): rhs B (out×r) row-major.
-                            let mut gb = vec![0f32; z.m * z.r];
-                            sgemm_scaled(z.m, z.r, z.out_f, &mut gb, false, gv, z.out_f, 1, bv, z.r, 1, self.scaling);
+                            let gb = sgemm_new(z.m, z.r, z.out_f, gv, z.out_f, 1, bv, z.r, 1, self.scaling);
                             // dA = gbᵀ·dropout(x) (r×in).
                             match &self.dropout {
                                 Some(dm) => {
                                     let mut xd = vec![0f32; xv.len()];
                                     mask_par(dm, xv, &mut xd, false);
-                                    sgemm(z.r, z.in_f, z.m, &mut da, false, &gb, 1, z.r, &xd, z.in_f, 1);
+                                    da = sgemm_new(z.r, z.in_f, z.m, &gb, 1, z.r, &xd, z.in_f, 1, 1.0);
                                 }
-                                None => sgemm(z.r, z.in_f, z.m, &mut da, false, &gb, 1, z.r, xv, z.in_f, 1),
+                                None => da = sgemm_new(z.r, z.in_f, z.m, &gb, 1, z.r, xv, z.in_f, 1, 1.0),
                             }
                             if need_dx {
                                 // dx = g·W (M×in), W (out×in) row-major.
-                                sgemm(z.m, z.in_f, z.out_f, &mut dx, false, gv, z.out_f, 1, w, z.in_f, 1);
+                                dx = sgemm_new(z.m, z.in_f, z.out_f, gv, z.out_f, 1, w, z.in_f, 1, 1.0);
                                 // + dropout'(gb·A), A (r×in) row-major.
                                 match &self.dropout {
                                     Some(dm) => {
-                                        let mut t = vec![0f32; z.m * z.in_f];
-                                        sgemm(z.m, z.in_f, z.r, &mut t, false, &gb, z.r, 1, av, z.in_f, 1);
+                                        let t = sgemm_new(z.m, z.in_f, z.r, &gb, z.r, 1, av, z.in_f, 1, 1.0);
                                         mask_par(dm, &t, &mut dx, true);
                                     }
                                     None => sgemm(z.m, z.in_f, z.r, &mut dx, true, &gb, z.r, 1, av, z.in_f, 1),

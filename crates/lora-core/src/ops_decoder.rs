@@ -8,7 +8,7 @@
 //! Every op has a reference path built from candle primitives (`*_reference`),
 //! which the tests use to check values and gradients.
 
-use crate::ops::{f32_slice, fast_exp, sgemm, with_f32};
+use crate::ops::{f32_slice, fast_exp, sgemm_new, with_f32};
 use crate::simd;
 use candle_core::quantized::QTensor;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
@@ -413,8 +413,7 @@ impl CustomOp1 for FrozenQLinear {
             };
         }
         let w = dequantized(&self.weight)?;
-        let mut dst = vec![0f32; m * out_f];
-        with_f32(&w, "frozen-qlinear", |w| sgemm(m, out_f, in_f, &mut dst, false, x, in_f, 1, w, 1, in_f))?;
+        let dst = with_f32(&w, "frozen-qlinear", |w| sgemm_new(m, out_f, in_f, x, in_f, 1, w, 1, in_f, 1.0))?;
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
     }
 
@@ -424,9 +423,8 @@ impl CustomOp1 for FrozenQLinear {
         let m = g.elem_count() / out_f;
         // One matrix at a time is dequantized and dropped right after.
         let w = dequantized(&self.weight)?;
-        let mut dx = vec![0f32; m * in_f];
-        with_f32(&g, "frozen-qlinear-bwd", |g| {
-            with_f32(&w, "frozen-qlinear-bwd", |w| sgemm(m, in_f, out_f, &mut dx, false, g, out_f, 1, w, in_f, 1))
+        let dx = with_f32(&g, "frozen-qlinear-bwd", |g| {
+            with_f32(&w, "frozen-qlinear-bwd", |w| sgemm_new(m, in_f, out_f, g, out_f, 1, w, in_f, 1, 1.0))
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
