@@ -576,6 +576,24 @@ mod tests {
     }
 
     #[test]
+    fn masked_keys_get_exactly_zero_not_subnormals() {
+        // Padded keys carry f32::MIN (as transformers' extended mask does).
+        let t = 9;
+        let mut mask = vec![0f32; t];
+        mask[5..].iter_mut().for_each(|m| *m = f32::MIN);
+        let mut p: Vec<f32> = (0..3 * t).map(|i| (i % 7) as f32 * 0.3).collect();
+        masked_softmax_rows(&mut p, &mask, t);
+        for row in p.chunks(t) {
+            assert!(row[5..].iter().all(|&v| v == 0.0), "masked probabilities {:?}", &row[5..]);
+            assert!(row.iter().all(|v| *v == 0.0 || v.is_normal()), "subnormal in {row:?}");
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+        assert_eq!(fast_exp(-87.5), 0.0);
+        assert_eq!(fast_exp(f32::MIN), 0.0);
+        assert!(fast_exp(-86.9).is_normal());
+    }
+
+    #[test]
     fn kernels_match_scalar_formulas() {
         let x: Vec<f32> = (0..301).map(|i| (i as f32 - 150.0) * 0.037).collect();
         let mut y = vec![0f32; x.len()];
