@@ -53,6 +53,46 @@ pub(crate) fn threads() -> gemm::Parallelism {
     }
 }
 
+/// Operand strides: `lhs` (m×k) element (i, p) at `lhs[i·lhs_rs + p·lhs_cs]`,
+/// `rhs` (k×n) element (p, j) at `rhs[p·rhs_rs + j·rhs_cs]`.
+#[allow(clippy::too_many_arguments)]
+fn check_operands(m: usize, n: usize, k: usize, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize) {
+    if m > 0 && n > 0 && k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "sgemm: lhs too short");
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "sgemm: rhs too short");
+    }
+}
+
+/// `dst (m×n, row-major) = [dst +] scale · lhs · rhs` on the gemm crate.
+///
+/// # Safety
+/// `dst` must be valid for m·n writes (and initialised when `read_dst`), and
+/// the operands must hold their strided elements ([`check_operands`]).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(m: usize, n: usize, k: usize, dst: *mut f32, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, scale: f32) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        n as isize,
+        read_dst,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        if read_dst { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        threads(),
+    )
+}
+
 /// `dst (m×n) = [dst +] lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n, strides)`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
@@ -68,106 +108,36 @@ pub(crate) fn sgemm(
     rhs_rs: usize,
     rhs_cs: usize,
 ) {
-    sgemm_scaled(m, n, k, dst, accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, 1.0)
+    assert!(dst.len() >= m * n, "sgemm: destination too short");
+    check_operands(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: dst holds m·n initialised elements; operands checked above.
+    unsafe { gemm_raw(m, n, k, dst.as_mut_ptr(), accumulate, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, 1.0) }
 }
 
 /// `scale · lhs · rhs` (m×n, row-major) in a new buffer. The GEMM writes
 /// every element (it does not read the destination), so the buffer is not
 /// zero-filled first: on short sequences the zero-fills were ~5% of a step.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm_new(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-    scale: f32,
-) -> Vec<f32> {
+pub(crate) fn sgemm_new(m: usize, n: usize, k: usize, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, scale: f32) -> Vec<f32> {
     if k == 0 || m == 0 || n == 0 {
         return vec![0f32; m * n];
     }
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "sgemm_new: lhs too short");
-    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "sgemm_new: rhs too short");
+    check_operands(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the operands hold the strided elements (asserted above); the
-    // destination has capacity m·n, and with read_dst = false the GEMM writes
-    // each of its m·n elements without reading it, so the length is set only
-    // after every element is initialised.
+    // SAFETY: capacity m·n; with read_dst = false the GEMM writes each of the
+    // m·n elements without reading it, so the length is set only after every
+    // element is initialised. Operands checked above.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            threads(),
-        );
+        gemm_raw(m, n, k, dst.as_mut_ptr(), false, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, scale);
         dst.set_len(m * n);
     }
     dst
-}
-
-/// [`sgemm`] with the product scaled: `dst = [dst +] scale · lhs · rhs`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm_scaled(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-    scale: f32,
-) {
-    debug_assert!(dst.len() >= m * n);
-    debug_assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    debug_assert!(k == 0 || n == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: the slices are large enough for the given shapes and strides
-    // (checked by the callers, which derive them from tensor layouts).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            threads(),
-        )
-    }
 }
 
 // ---------------------------------------------------------------------------
