@@ -15,20 +15,10 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, next_dropout_seed, sgemm, sgemm_new, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, linear_rows, next_dropout_seed, sgemm, sgemm_new, with_f32};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
-
-/// `dst (+)= dropout(src)` over the flat index, in parallel chunks.
-fn mask_par(dm: &Mask, src: &[f32], dst: &mut [f32], accumulate: bool) {
-    const CHUNK: usize = 4096;
-    dst.par_chunks_mut(CHUNK)
-        .zip(src.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (d, s))| dm.apply((c * CHUNK) as u64, s, d, accumulate));
-}
 
 struct LoraLinear {
     /// (out, in); frozen. Dense is contiguous; a quantized weight is
@@ -71,16 +61,18 @@ impl LoraLinear {
         Ok(Dims { m: xl.shape().elem_count() / in_f.max(1), in_f, out_f, r })
     }
 
-    /// `s·dropout(x)·Aᵀ` (M×r).
-    fn branch_in(&self, z: &Dims, x: &[f32], a: &[f32]) -> Vec<f32> {
-        match &self.dropout {
-            Some(dm) => {
-                let mut xd = vec![0f32; x.len()];
-                mask_par(dm, x, &mut xd, false);
-                sgemm_new(z.m, z.r, z.in_f, &xd, z.in_f, 1, a, 1, z.in_f, self.scaling)
-            }
-            None => sgemm_new(z.m, z.r, z.in_f, x, z.in_f, 1, a, 1, z.in_f, self.scaling),
-        }
+    /// `dropout(x)`, or `None` without dropout (the input itself serves).
+    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
+        self.dropout.as_ref().map(|dm| {
+            let mut xd = vec![0f32; x.len()];
+            dm.apply_par(x, &mut xd, false);
+            xd
+        })
+    }
+
+    /// `s·xd·Aᵀ` (M×r) for the dropped input `xd`.
+    fn branch_in(&self, z: &Dims, xd: &[f32], a: &[f32]) -> Vec<f32> {
+        sgemm_new(z.m, z.r, z.in_f, xd, z.in_f, 1, a, 1, z.in_f, self.scaling)
     }
 }
 
@@ -94,16 +86,8 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(xs, xl, "lora-linear")?;
         let a = f32_slice(as_, al, "lora-linear")?;
         let b = f32_slice(bs, bl, "lora-linear")?;
-        let w = self.dense_weight()?;
-        let mut dst = match &self.bias {
-            Some(bias) => {
-                let mut dst = with_f32(bias, "lora-linear", |bv| bv.repeat(z.m))?;
-                with_f32(&w, "lora-linear", |w| sgemm(z.m, z.out_f, z.in_f, &mut dst, true, x, z.in_f, 1, w, 1, z.in_f))?;
-                dst
-            }
-            None => with_f32(&w, "lora-linear", |w| sgemm_new(z.m, z.out_f, z.in_f, x, z.in_f, 1, w, 1, z.in_f, 1.0))?,
-        };
-        let h = self.branch_in(&z, x, a);
+        let mut dst = linear_rows(x, &self.dense_weight()?, self.bias.as_ref(), "lora-linear")?;
+        let h = self.branch_in(&z, self.dropped(x).as_deref().unwrap_or(x), a);
         // dst += h·Bᵀ: rhs (r×out) element (j, o) at b[o*r + j].
         sgemm(z.m, z.out_f, z.r, &mut dst, true, &h, z.r, 1, b, 1, z.r);
         if self.keep {
@@ -125,21 +109,17 @@ impl CustomOp3 for LoraLinear {
                 with_f32(&b, "lora-linear-bwd", |bv| {
                     with_f32(&g, "lora-linear-bwd", |gv| {
                         with_f32(&self.dense_weight()?, "lora-linear-bwd", |w| {
+                            let xd = self.dropped(xv);
+                            let xe = xd.as_deref().unwrap_or(xv);
                             let h = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
-                            let h = h.unwrap_or_else(|| self.branch_in(&z, xv, av));
+                            let h = h.unwrap_or_else(|| self.branch_in(&z, xe, av));
                             // dB = gᵀ·h (out×r): lhs gᵀ element (o, i) at g[i*out + o].
                             db = sgemm_new(z.out_f, z.r, z.m, gv, 1, z.out_f, &h, z.r, 1, 1.0);
                             // gb = s·g·B (M×r): rhs B (out×r) row-major.
                             let gb = sgemm_new(z.m, z.r, z.out_f, gv, z.out_f, 1, bv, z.r, 1, self.scaling);
                             // dA = gbᵀ·dropout(x) (r×in).
-                            match &self.dropout {
-                                Some(dm) => {
-                                    let mut xd = vec![0f32; xv.len()];
-                                    mask_par(dm, xv, &mut xd, false);
-                                    da = sgemm_new(z.r, z.in_f, z.m, &gb, 1, z.r, &xd, z.in_f, 1, 1.0);
-                                }
-                                None => da = sgemm_new(z.r, z.in_f, z.m, &gb, 1, z.r, xv, z.in_f, 1, 1.0),
-                            }
+                            da = sgemm_new(z.r, z.in_f, z.m, &gb, 1, z.r, xe, z.in_f, 1, 1.0);
+                            drop(xd);
                             if need_dx {
                                 // dx = g·W (M×in), W (out×in) row-major.
                                 dx = sgemm_new(z.m, z.in_f, z.out_f, gv, z.out_f, 1, w, z.in_f, 1, 1.0);
@@ -147,7 +127,7 @@ impl CustomOp3 for LoraLinear {
                                 match &self.dropout {
                                     Some(dm) => {
                                         let t = sgemm_new(z.m, z.in_f, z.r, &gb, z.r, 1, av, z.in_f, 1, 1.0);
-                                        mask_par(dm, &t, &mut dx, true);
+                                        dm.apply_par(&t, &mut dx, true);
                                     }
                                     None => sgemm(z.m, z.in_f, z.r, &mut dx, true, &gb, z.r, 1, av, z.in_f, 1),
                                 }

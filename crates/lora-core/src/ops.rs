@@ -164,16 +164,7 @@ impl CustomOp1 for FrozenLinear {
         if k != in_f {
             candle_core::bail!("frozen-linear: input has {k} features, weight expects {in_f}")
         }
-        let m = x.len() / in_f.max(1);
-        // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i].
-        let dst = match &self.bias {
-            Some(b) => {
-                let mut dst = with_f32(b, "frozen-linear", |b| b.repeat(m))?;
-                with_f32(&self.weight, "frozen-linear", |w| sgemm(m, out_f, in_f, &mut dst, true, x, in_f, 1, w, 1, in_f))?;
-                dst
-            }
-            None => with_f32(&self.weight, "frozen-linear", |w| sgemm_new(m, out_f, in_f, x, in_f, 1, w, 1, in_f, 1.0))?,
-        };
+        let dst = linear_rows(x, &self.weight, self.bias.as_ref(), "frozen-linear")?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1") = out_f;
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
@@ -187,6 +178,23 @@ impl CustomOp1 for FrozenLinear {
             with_f32(&self.weight, "frozen-linear-bwd", |w| sgemm_new(m, in_f, out_f, g, out_f, 1, w, in_f, 1, 1.0))
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// `x·Wᵀ + b` (M×out) for row-major `x` (M×in) and a contiguous `W` (out×in):
+/// the bias rows are laid down first and the GEMM accumulates onto them;
+/// without a bias the GEMM writes a fresh buffer.
+pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, op: &'static str) -> Result<Vec<f32>> {
+    let (out_f, in_f) = weight.dims2()?;
+    let m = x.len() / in_f.max(1);
+    // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i].
+    match bias {
+        Some(b) => {
+            let mut dst = with_f32(b, op, |b| b.repeat(m))?;
+            with_f32(weight, op, |w| sgemm(m, out_f, in_f, &mut dst, true, x, in_f, 1, w, 1, in_f))?;
+            Ok(dst)
+        }
+        None => with_f32(weight, op, |w| sgemm_new(m, out_f, in_f, x, in_f, 1, w, 1, in_f, 1.0)),
     }
 }
 
@@ -464,9 +472,7 @@ struct Dropout {
 
 impl Dropout {
     fn apply(&self, src: &[f32], dst: &mut [f32]) {
-        dst.par_chunks_mut(4096).zip(src.par_chunks(4096)).enumerate().for_each(|(c, (d, s))| {
-            self.mask.apply((c * 4096) as u64, s, d, false)
-        });
+        self.mask.apply_par(src, dst, false)
     }
 }
 

@@ -24,16 +24,10 @@ struct AddDropoutNorm {
 
 impl AddDropoutNorm {
     /// `z = dropout(y) + residual`, in parallel chunks of whole rows.
-    fn sum(&self, y: &[f32], r: &[f32], h: usize) -> Vec<f32> {
+    fn sum(&self, y: &[f32], r: &[f32]) -> Vec<f32> {
         let mut z = r.to_vec();
         match &self.mask {
-            Some(m) => {
-                let chunk = h * rows_per_task(h);
-                z.par_chunks_mut(chunk)
-                    .zip(y.par_chunks(chunk))
-                    .enumerate()
-                    .for_each(|(c, (z, y))| m.apply((c * chunk) as u64, y, z, true));
-            }
+            Some(m) => m.apply_par(y, &mut z, true),
             None => z.par_chunks_mut(16384).zip(y.par_chunks(16384)).for_each(|(z, y)| {
                 for (a, b) in z.iter_mut().zip(y) {
                     *a += b;
@@ -56,7 +50,7 @@ impl CustomOp2 for AddDropoutNorm {
         let y = f32_slice(ys, yl, "add-dropout-layer-norm")?;
         let r = f32_slice(rs, rl, "add-dropout-layer-norm")?;
         let h = yl.dims().last().copied().unwrap_or(1);
-        let z = self.sum(y, r, h);
+        let z = self.sum(y, r);
         let mut dst = vec![0f32; z.len()];
         with_f32(&self.gamma, "add-dropout-layer-norm", |g| {
             with_f32(&self.beta, "add-dropout-layer-norm", |b| {
@@ -77,7 +71,7 @@ impl CustomOp2 for AddDropoutNorm {
             Some(z) => z,
             None => {
                 let (y, r) = (y.contiguous()?, r.contiguous()?);
-                with_f32(&y, "add-dropout-layer-norm-bwd", |yv| with_f32(&r, "add-dropout-layer-norm-bwd", |rv| self.sum(yv, rv, h)))??
+                with_f32(&y, "add-dropout-layer-norm-bwd", |yv| with_f32(&r, "add-dropout-layer-norm-bwd", |rv| self.sum(yv, rv)))??
             }
         };
         let mut dz = vec![0f32; z.len()];
@@ -94,11 +88,7 @@ impl CustomOp2 for AddDropoutNorm {
             Some(match &self.mask {
                 Some(m) => {
                     let mut dy = vec![0f32; dz.len()];
-                    let chunk = h * rows_per_task(h);
-                    dy.par_chunks_mut(chunk)
-                        .zip(dz.par_chunks(chunk))
-                        .enumerate()
-                        .for_each(|(c, (d, s))| m.apply((c * chunk) as u64, s, d, false));
+                    m.apply_par(&dz, &mut dy, false);
                     Tensor::from_vec(dy, y.shape(), y.device())?
                 }
                 None => Tensor::from_vec(dz.clone(), y.shape(), y.device())?,

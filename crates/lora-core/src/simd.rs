@@ -217,6 +217,17 @@ impl Mask {
     pub fn apply_inplace(&self, base: u64, x: &mut [f32]) {
         mask_inplace(self.seed, self.threshold, self.scale, base, x)
     }
+
+    /// [`Mask::apply`] over a whole tensor (flat index from 0), in parallel
+    /// chunks; the chunking does not change the mask.
+    pub fn apply_par(&self, src: &[f32], dst: &mut [f32], accumulate: bool) {
+        use rayon::prelude::*;
+        const CHUNK: usize = 16384;
+        dst.par_chunks_mut(CHUNK)
+            .zip(src.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (d, s))| self.apply((c * CHUNK) as u64, s, d, accumulate));
+    }
 }
 
 multiversion! {
@@ -353,17 +364,22 @@ multiversion! {
 // Softmax and LayerNorm rows.
 // ---------------------------------------------------------------------------
 
+#[inline(always)]
+fn softmax_row(row: &mut [f32]) {
+    let max = lanes_max(row);
+    for v in row.iter_mut() {
+        *v = fast_exp(*v - max);
+    }
+    let inv = 1.0 / lanes_sum(row);
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
 multiversion! {
     /// In place: `row = softmax(row)`.
     pub(crate) fn softmax_inplace(row: &mut [f32]) {
-        let max = lanes_max(row);
-        for v in row.iter_mut() {
-            *v = fast_exp(*v - max);
-        }
-        let inv = 1.0 / lanes_sum(row);
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
+        softmax_row(row)
     }
 }
 
@@ -374,14 +390,7 @@ multiversion! {
             for (v, &mb) in row.iter_mut().zip(mask) {
                 *v += mb;
             }
-            let max = lanes_max(row);
-            for v in row.iter_mut() {
-                *v = fast_exp(*v - max);
-            }
-            let inv = 1.0 / lanes_sum(row);
-            for v in row.iter_mut() {
-                *v *= inv;
-            }
+            softmax_row(row);
         }
     }
 }
