@@ -2,6 +2,7 @@
 //! the typed target spec, and the builder that attaches adapters to a model
 //! from outside.
 
+pub mod amx;
 pub mod attention;
 pub mod builder;
 pub mod error;

@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, linear_rows, next_dropout_seed, sgemm, sgemm_new, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows, next_dropout_seed, sgemm, sgemm_new, with_f32};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -31,6 +31,8 @@ struct LoraLinear {
     /// Keep `s·dropout(x)·Aᵀ` (M×r) for the backward pass.
     keep: bool,
     saved: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The layer's bf16 tile packs of a dense weight (bf16 matmul precision).
+    packs: Option<std::sync::Arc<crate::amx::Packs>>,
 }
 
 struct Dims {
@@ -86,7 +88,7 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(xs, xl, "lora-linear")?;
         let a = f32_slice(as_, al, "lora-linear")?;
         let b = f32_slice(bs, bl, "lora-linear")?;
-        let mut dst = linear_rows(x, &self.dense_weight()?, self.bias.as_ref(), "lora-linear")?;
+        let mut dst = linear_rows(x, &self.dense_weight()?, self.bias.as_ref(), self.packs.as_deref(), "lora-linear")?;
         let h = self.branch_in(&z, self.dropped(x).as_deref().unwrap_or(x), a);
         // dst += h·Bᵀ: rhs (r×out) element (j, o) at b[o*r + j].
         sgemm(z.m, z.out_f, z.r, &mut dst, true, &h, z.r, 1, b, 1, z.r);
@@ -122,7 +124,7 @@ impl CustomOp3 for LoraLinear {
                             drop(xd);
                             if need_dx {
                                 // dx = g·W (M×in), W (out×in) row-major.
-                                dx = sgemm_new(z.m, z.in_f, z.out_f, gv, z.out_f, 1, w, z.in_f, 1, 1.0);
+                                dx = input_grad(z.m, gv, w, z.out_f, z.in_f, self.packs.as_deref());
                                 // + dropout'(gb·A), A (r×in) row-major.
                                 match &self.dropout {
                                     Some(dm) => {
@@ -154,6 +156,14 @@ fn reference_requested() -> bool {
 /// frozen and `A` (r×in), `B` (out×r) trainable. `p` is the LoRA dropout,
 /// applied only when `train`.
 pub fn lora_linear(x: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scaling: f64, p: f32, train: bool) -> Result<Tensor> {
+    lora_linear_packed(x, weight, bias, a, b, scaling, p, train, None)
+}
+
+/// [`lora_linear`] with the layer's cache of bf16 tile packs of a dense
+/// `weight` (used at bf16 matmul precision; dropped by the layer when the
+/// weight changes).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_linear_packed(x: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, a: &Tensor, b: &Tensor, scaling: f64, p: f32, train: bool, packs: Option<&std::sync::Arc<crate::amx::Packs>>) -> Result<Tensor> {
     if !(0.0..1.0).contains(&p) {
         candle_core::bail!("dropout probability must be in [0, 1), got {p}")
     }
@@ -167,6 +177,10 @@ pub fn lora_linear(x: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, a: 
     }
     let dropout = (train && p > 0.0).then(|| Mask::new(next_dropout_seed(), p));
     let keep = a.track_op() || b.track_op() || x.track_op();
+    let packs = match weight {
+        FrozenWeight::Dense(_) => packs,
+        FrozenWeight::Quantized(_) => None,
+    };
     let weight = match weight {
         FrozenWeight::Dense(w) => FrozenWeight::Dense(w.detach().contiguous()?),
         q => q.clone(),
@@ -178,6 +192,7 @@ pub fn lora_linear(x: &Tensor, weight: &FrozenWeight, bias: Option<&Tensor>, a: 
         dropout,
         keep,
         saved: Default::default(),
+        packs: packs.cloned(),
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
 }

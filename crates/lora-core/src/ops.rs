@@ -11,8 +11,10 @@
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
 };
+use crate::amx::{self, PackedBf16, Packs};
 use crate::simd::{self, Mask};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Rows of width `h` per parallel task: about 16K elements, so that small
 /// rows are not one rayon task each.
@@ -149,6 +151,8 @@ struct FrozenLinear {
     weight: Tensor,
     /// (out,), contiguous.
     bias: Option<Tensor>,
+    /// The layer's bf16 tile packs of `weight` (bf16 matmul precision).
+    packs: Option<Arc<Packs>>,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -164,7 +168,7 @@ impl CustomOp1 for FrozenLinear {
         if k != in_f {
             candle_core::bail!("frozen-linear: input has {k} features, weight expects {in_f}")
         }
-        let dst = linear_rows(x, &self.weight, self.bias.as_ref(), "frozen-linear")?;
+        let dst = linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear")?;
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("rank >= 1") = out_f;
         Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
@@ -175,7 +179,7 @@ impl CustomOp1 for FrozenLinear {
         let g = grad.contiguous()?;
         let m = g.elem_count() / out_f;
         let dx = with_f32(&g, "frozen-linear-bwd", |g| {
-            with_f32(&self.weight, "frozen-linear-bwd", |w| sgemm_new(m, in_f, out_f, g, out_f, 1, w, in_f, 1, 1.0))
+            with_f32(&self.weight, "frozen-linear-bwd", |w| input_grad(m, g, w, out_f, in_f, self.packs.as_deref()))
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
@@ -184,9 +188,26 @@ impl CustomOp1 for FrozenLinear {
 /// `x·Wᵀ + b` (M×out) for row-major `x` (M×in) and a contiguous `W` (out×in):
 /// the bias rows are laid down first and the GEMM accumulates onto them;
 /// without a bias the GEMM writes a fresh buffer.
-pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, op: &'static str) -> Result<Vec<f32>> {
+///
+/// At bf16 matmul precision ([`amx`]) the product runs on AMX tiles over the
+/// layer's packed weight (`packs`, or a pack made for this call).
+pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Packs>, op: &'static str) -> Result<Vec<f32>> {
     let (out_f, in_f) = weight.dims2()?;
     let m = x.len() / in_f.max(1);
+    if amx::use_bf16(m) {
+        return with_f32(weight, op, |w| {
+            let packed = match packs {
+                Some(p) => p.forward(w, out_f, in_f),
+                None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
+            };
+            let mut dst = vec![0f32; m * out_f];
+            match bias {
+                Some(b) => with_f32(b, op, |b| amx::gemm_bf16(m, x, in_f, &packed, &mut dst, false, Some(b)))?,
+                None => amx::gemm_bf16(m, x, in_f, &packed, &mut dst, false, None),
+            }
+            Ok(dst)
+        })?;
+    }
     // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i].
     match bias {
         Some(b) => {
@@ -198,8 +219,27 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, op:
     }
 }
 
+/// `dx = g·W` (M×in) for the output gradient `g` (M×out) of a frozen `W`
+/// (out×in): f32 GEMM, or bf16 tiles at bf16 matmul precision.
+pub(crate) fn input_grad(m: usize, g: &[f32], w: &[f32], out_f: usize, in_f: usize, packs: Option<&Packs>) -> Vec<f32> {
+    if amx::use_bf16(m) {
+        let packed = match packs {
+            Some(p) => p.backward(w, out_f, in_f),
+            None => Arc::new(PackedBf16::pack(w, out_f, in_f, in_f, 1)),
+        };
+        return amx::gemm_bf16_new(m, g, out_f, &packed);
+    }
+    sgemm_new(m, in_f, out_f, g, out_f, 1, w, in_f, 1, 1.0)
+}
+
 /// `x·Wᵀ + b` for a frozen `W` (out, in): no weight gradient is ever computed.
 pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    frozen_linear_packed(x, weight, bias, None)
+}
+
+/// [`frozen_linear`] with the layer's cache of bf16 tile packs of `weight`
+/// (used at bf16 matmul precision; the caller drops it when `weight` changes).
+pub fn frozen_linear_packed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Arc<Packs>>) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         let y = x.broadcast_matmul(&weight.t()?)?;
         return match bias {
@@ -210,6 +250,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
     let op = FrozenLinear {
         weight: weight.detach().contiguous()?,
         bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        packs: packs.cloned(),
     };
     x.contiguous()?.apply_op1(op)
 }

@@ -650,3 +650,12 @@ mod tests {
         sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 }
+
+multiversion! {
+    /// `dst[i] = bf16(src[i])`, rounded to nearest even (see [`crate::amx::to_bf16`]).
+    pub fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = crate::amx::to_bf16(x);
+        }
+    }
+}
