@@ -32,7 +32,7 @@ fn main() -> candle_core::Result<()> {
             drop(y);
             tf.push(t.elapsed().as_secs_f64());
             let t = Instant::now();
-            amx::gemm_bf16(m, &xs, k, &packed, &mut out, false, None);
+            amx::gemm_bf16(m, &xs, k, &packed, &mut out, amx::Epilogue::default(), None);
             tb.push(t.elapsed().as_secs_f64());
         }
         let (f, b) = (flops / median(tf) / 1e9, flops / median(tb) / 1e9);

@@ -242,84 +242,159 @@ impl Packs {
 /// Rows per parallel task (a multiple of 32).
 const MC: usize = 64;
 
-/// `dst (m×n, row stride n) = [dst | bias rows] + A·B` with
-/// `A[i][p] = a[i·lda + p]` (f32, rounded to bf16 here) and `B` packed.
-/// With `accumulate` the product is added to `dst`; otherwise `dst` is
-/// overwritten by `bias + A·B` (or `A·B`). Panics without [`available`].
-pub fn gemm_bf16(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: &mut [f32], accumulate: bool, bias: Option<&[f32]>) {
+/// What happens to each 32×32 block of `A·B` on its way to memory.
+#[derive(Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    /// Add to the destination's current values (else overwrite it).
+    pub accumulate: bool,
+    /// Add this row vector (length n).
+    pub bias: Option<&'a [f32]>,
+    /// Store `gelu(v)` (erf form) instead of `v`.
+    pub gelu: bool,
+}
+
+/// `dst (m×n, row stride n) = epilogue(A·B)` with `A[i][p] = a[i·lda + p]`
+/// (f32, rounded to bf16 here) and `B` packed. See [`Epilogue`]; with
+/// `pre`, the values before GELU are stored there too (m×n).
+/// Panics without [`available`].
+pub fn gemm_bf16(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: &mut [f32], ep: Epilogue, pre: Option<&mut [f32]>) {
+    assert!(dst.len() >= m * b.n, "gemm_bf16: destination too short");
+    if let Some(p) = &pre {
+        assert!(p.len() >= m * b.n, "gemm_bf16: pre-activation buffer too short");
+    }
+    // SAFETY: both outputs hold m·n initialised elements (checked above).
+    unsafe { gemm_bf16_raw(m, a, lda, b, dst.as_mut_ptr(), pre.map_or(std::ptr::null_mut(), |p| p.as_mut_ptr()), ep) }
+}
+
+/// `epilogue(A·B)` (m×n) in a new buffer (not zero-filled first), and the
+/// values before GELU when `keep_pre` (for the backward pass).
+pub fn gemm_bf16_new(m: usize, a: &[f32], lda: usize, b: &PackedBf16, ep: Epilogue, keep_pre: bool) -> (Vec<f32>, Option<Vec<f32>>) {
+    assert!(!ep.accumulate, "gemm_bf16_new: nothing to accumulate onto");
+    let len = m * b.n;
+    let mut dst: Vec<f32> = Vec::with_capacity(len);
+    let mut pre: Option<Vec<f32>> = keep_pre.then(|| Vec::with_capacity(len));
+    // SAFETY: capacity len each; without `accumulate` every one of the m·n
+    // elements of each output is written (never read) before the length
+    // is set.
+    unsafe {
+        gemm_bf16_raw(m, a, lda, b, dst.as_mut_ptr(), pre.as_mut().map_or(std::ptr::null_mut(), |p| p.as_mut_ptr()), ep);
+        dst.set_len(len);
+        if let Some(p) = pre.as_mut() {
+            p.set_len(len);
+        }
+    }
+    (dst, pre)
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint row ranges through it.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+thread_local! {
+    /// Each worker's bf16 copy of its rows of A (reused across calls).
+    static ABUF: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// # Safety
+/// `dst` (and `pre` unless null) must be valid for m·n writes, and for
+/// reads when `ep.accumulate`.
+unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *mut f32, pre: *mut f32, ep: Epilogue) {
     let (k, n) = (b.k, b.n);
     assert!(available(), "gemm_bf16: AMX-BF16 is not available");
-    assert!(dst.len() >= m * n, "gemm_bf16: destination too short");
     assert!(m == 0 || k == 0 || a.len() >= (m - 1) * lda + k, "gemm_bf16: lhs too short");
-    if let Some(bias) = bias {
+    if let Some(bias) = ep.bias {
         assert_eq!(bias.len(), n, "gemm_bf16: bias length");
     }
     if m == 0 || n == 0 {
         return;
     }
     let kp = b.kb * TK;
-    let run = |(ci, chunk): (usize, &mut [f32])| {
+    let (dst, pre) = (SendPtr(dst), SendPtr(pre));
+    let run = |ci: usize| {
         let r0 = ci * MC;
-        let rows = chunk.len() / n;
+        let rows = (m - r0).min(MC);
         let rp = rows.div_ceil(2 * TR) * 2 * TR;
-        // This task's rows of A in bf16, zero-padded to whole tiles.
-        let mut abuf = vec![0u16; rp * kp];
-        for (i, row) in abuf.chunks_mut(kp).take(rows).enumerate() {
-            crate::simd::to_bf16_row(&a[(r0 + i) * lda..(r0 + i) * lda + k], &mut row[..k]);
-        }
-        let mut scratch = [0f32; 2 * TR * 2 * TR];
-        sys::with_tiles(|| {
-            for j in (0..b.nt).step_by(2) {
-                let two_n = j + 1 < b.nt;
-                for mb in (0..rp).step_by(2 * TR) {
-                    // SAFETY: tiles are configured (with_tiles); abuf holds
-                    // rp·kp bf16 and each packed tile 1 KiB; scratch holds
-                    // 32×32 f32.
-                    unsafe {
-                        sys::zero4();
-                        for kb in 0..b.kb {
-                            let a0 = abuf.as_ptr().add(mb * kp + kb * TK);
-                            let a1 = a0.add(TR * kp);
-                            let b0 = b.tile(j, kb);
-                            let b1 = if two_n { b.tile(j + 1, kb) } else { b0 };
-                            sys::step(a0, a1, kp * 2, b0, b1);
-                        }
-                        sys::store4(scratch.as_mut_ptr());
-                    }
+        ABUF.with(|cell| {
+            let mut abuf = cell.borrow_mut();
+            if abuf.len() < rp * kp {
+                abuf.resize(rp * kp, 0);
+            }
+            // This task's rows of A in bf16; the padding (K beyond k, rows
+            // beyond `rows`) is zeroed, as the buffer is reused.
+            for (i, row) in abuf[..rp * kp].chunks_mut(kp).enumerate() {
+                if i < rows {
+                    crate::simd::to_bf16_row(&a[(r0 + i) * lda..(r0 + i) * lda + k], &mut row[..k]);
+                    row[k..].fill(0);
+                } else {
+                    row.fill(0);
+                }
+            }
+            let mut scratch = [0f32; 2 * TR * 2 * TR];
+            sys::with_tiles(|| {
+                for j in (0..b.nt).step_by(2) {
+                    let two_n = j + 1 < b.nt;
                     let c0 = j * TR;
                     let cols = (n - c0).min(2 * TR);
-                    for r in 0..(rows.saturating_sub(mb)).min(2 * TR) {
-                        let d = &mut chunk[(mb + r) * n + c0..(mb + r) * n + c0 + cols];
-                        let s = &scratch[r * 2 * TR..r * 2 * TR + cols];
-                        if accumulate {
-                            for (d, s) in d.iter_mut().zip(s) {
-                                *d += *s;
+                    for mb in (0..rp).step_by(2 * TR) {
+                        // SAFETY: tiles are configured (with_tiles); abuf
+                        // holds rp·kp bf16, each packed tile 1 KiB, scratch
+                        // 32×32 f32.
+                        unsafe {
+                            sys::zero4();
+                            for kb in 0..b.kb {
+                                let a0 = abuf.as_ptr().add(mb * kp + kb * TK);
+                                let a1 = a0.add(TR * kp);
+                                let b0 = b.tile(j, kb);
+                                let b1 = if two_n { b.tile(j + 1, kb) } else { b0 };
+                                sys::step(a0, a1, kp * 2, b0, b1);
                             }
-                        } else if let Some(bias) = bias {
-                            for ((d, s), b) in d.iter_mut().zip(s).zip(&bias[c0..c0 + cols]) {
-                                *d = *s + *b;
+                            sys::store4(scratch.as_mut_ptr());
+                        }
+                        for r in 0..rows.saturating_sub(mb).min(2 * TR) {
+                            let off = (r0 + mb + r) * n + c0;
+                            let s = &mut scratch[r * 2 * TR..r * 2 * TR + cols];
+                            // SAFETY: row r0+mb+r < m, columns c0..c0+cols < n;
+                            // rows of different tasks are disjoint.
+                            let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add(off), cols) };
+                            if ep.accumulate {
+                                for (s, d) in s.iter_mut().zip(d.iter()) {
+                                    *s += *d;
+                                }
                             }
-                        } else {
-                            d.copy_from_slice(s);
+                            if let Some(bias) = ep.bias {
+                                for (s, b) in s.iter_mut().zip(&bias[c0..c0 + cols]) {
+                                    *s += *b;
+                                }
+                            }
+                            if !pre.get().is_null() {
+                                // SAFETY: as for dst.
+                                unsafe { std::slice::from_raw_parts_mut(pre.get().add(off), cols) }.copy_from_slice(s);
+                            }
+                            if ep.gelu {
+                                crate::simd::gelu_fwd(s, d);
+                            } else {
+                                d.copy_from_slice(s);
+                            }
                         }
                     }
                 }
-            }
+            });
         });
     };
-    let dst = &mut dst[..m * n];
-    if m > MC && candle_core::utils::get_num_threads() > 1 {
-        dst.par_chunks_mut(MC * n).enumerate().for_each(run);
+    let tasks = m.div_ceil(MC);
+    if tasks > 1 && candle_core::utils::get_num_threads() > 1 {
+        (0..tasks).into_par_iter().for_each(run);
     } else {
-        dst.chunks_mut(MC * n).enumerate().for_each(run);
+        (0..tasks).for_each(run);
     }
-}
-
-/// `A·B` (m×n) in a new buffer.
-pub fn gemm_bf16_new(m: usize, a: &[f32], lda: usize, b: &PackedBf16) -> Vec<f32> {
-    let mut dst = vec![0f32; m * b.n];
-    gemm_bf16(m, a, lda, b, &mut dst, false, None);
-    dst
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
@@ -489,7 +564,7 @@ mod tests {
             let a = round(&lcg(m as u64 * 7 + 1, m * k));
             let w = round(&lcg(n as u64 * 13 + 2, n * k));
             let packed = PackedBf16::pack_transposed(&w, n, k);
-            let got = gemm_bf16_new(m, &a, k, &packed);
+            let got = gemm_bf16_new(m, &a, k, &packed, Epilogue::default(), false).0;
             let want = reference(m, n, k, &a, &w);
             for i in 0..m {
                 for j in 0..n {
@@ -518,9 +593,18 @@ mod tests {
         let bound = |i: usize, j: usize| (0..k).map(|p| (a[i * k + p] * w[j * k + p]).abs() as f64).sum::<f64>() / 128.0;
         let packed = PackedBf16::pack_transposed(&w, n, k);
         let mut with_bias = vec![f32::NAN; m * n];
-        gemm_bf16(m, &a_full, lda, &packed, &mut with_bias, false, Some(&bias));
+        gemm_bf16(m, &a_full, lda, &packed, &mut with_bias, Epilogue { bias: Some(&bias), ..Default::default() }, None);
         let mut acc = vec![1.0f32; m * n];
-        gemm_bf16(m, &a_full, lda, &packed, &mut acc, true, None);
+        gemm_bf16(m, &a_full, lda, &packed, &mut acc, Epilogue { accumulate: true, ..Default::default() }, None);
+        // GELU epilogue: the values before GELU equal the bias mode's, and
+        // the output is exactly GELU of them.
+        let mut pre = vec![0f32; m * n];
+        let mut act = vec![0f32; m * n];
+        gemm_bf16(m, &a_full, lda, &packed, &mut act, Epilogue { bias: Some(&bias), gelu: true, ..Default::default() }, Some(&mut pre));
+        assert_eq!(pre, with_bias);
+        let mut want_act = vec![0f32; m * n];
+        crate::simd::gelu_fwd(&with_bias, &mut want_act);
+        assert_eq!(act, want_act);
         let mut max_rel = 0f64;
         for i in 0..m {
             for j in 0..n {
@@ -537,7 +621,7 @@ mod tests {
         let g = lcg(8, m * n);
         let wt: Vec<f32> = (0..k).flat_map(|p| (0..n).map(move |j| (p, j))).map(|(p, j)| w[j * k + p]).collect();
         let bwd = PackedBf16::pack(&w, n, k, k, 1);
-        let dx = gemm_bf16_new(m, &g, n, &bwd);
+        let dx = gemm_bf16_new(m, &g, n, &bwd, Epilogue::default(), false).0;
         let want = reference(m, k, n, &g, &wt);
         for i in 0..m {
             for p in 0..k {

@@ -200,12 +200,11 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, pac
                 Some(p) => p.forward(w, out_f, in_f),
                 None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
             };
-            let mut dst = vec![0f32; m * out_f];
+            let run = |bias: Option<&[f32]>| amx::gemm_bf16_new(m, x, in_f, &packed, amx::Epilogue { bias, ..Default::default() }, false).0;
             match bias {
-                Some(b) => with_f32(b, op, |b| amx::gemm_bf16(m, x, in_f, &packed, &mut dst, false, Some(b)))?,
-                None => amx::gemm_bf16(m, x, in_f, &packed, &mut dst, false, None),
+                Some(b) => with_f32(b, op, |b| run(Some(b))),
+                None => Ok(run(None)),
             }
-            Ok(dst)
         })?;
     }
     // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i].
@@ -227,7 +226,7 @@ pub(crate) fn input_grad(m: usize, g: &[f32], w: &[f32], out_f: usize, in_f: usi
             Some(p) => p.backward(w, out_f, in_f),
             None => Arc::new(PackedBf16::pack(w, out_f, in_f, in_f, 1)),
         };
-        return amx::gemm_bf16_new(m, g, out_f, &packed);
+        return amx::gemm_bf16_new(m, g, out_f, &packed, amx::Epilogue::default(), false).0;
     }
     sgemm_new(m, in_f, out_f, g, out_f, 1, w, in_f, 1, 1.0)
 }
@@ -471,6 +470,84 @@ impl CustomOp1 for GeluErf {
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
+}
+
+/// `gelu(x·Wᵀ + b)` for a frozen `W` in one pass on the bf16 tiles: GELU is
+/// applied to each block as it leaves the tile unit, instead of a second
+/// pass over the (M×out) activations. The pre-activations are kept only
+/// when the input tracks a gradient.
+struct FrozenLinearGelu {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    packs: Option<Arc<Packs>>,
+    keep: bool,
+    pre: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp1 for FrozenLinearGelu {
+    fn name(&self) -> &'static str {
+        "frozen-linear-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "frozen-linear-gelu")?;
+        let (out_f, in_f) = self.weight.dims2()?;
+        let dims = l.dims();
+        if dims.last() != Some(&in_f) {
+            candle_core::bail!("frozen-linear-gelu: input has {:?} features, weight expects {in_f}", dims.last())
+        }
+        let m = x.len() / in_f.max(1);
+        let (y, pre) = with_f32(&self.weight, "frozen-linear-gelu", |w| {
+            let packed = match &self.packs {
+                Some(p) => p.forward(w, out_f, in_f),
+                None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
+            };
+            let run = |bias: Option<&[f32]>| amx::gemm_bf16_new(m, x, in_f, &packed, amx::Epilogue { bias, gelu: true, ..Default::default() }, self.keep);
+            match &self.bias {
+                Some(b) => with_f32(b, "frozen-linear-gelu", |b| run(Some(b))),
+                None => Ok(run(None)),
+            }
+        })??;
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = pre;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (out_f, in_f) = self.weight.dims2()?;
+        let pre = match self.pre.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(p) => p,
+            None => candle_core::bail!("frozen-linear-gelu: backward without kept pre-activations (run the forward pass with a gradient-tracking input)"),
+        };
+        let g = grad.contiguous()?;
+        let m = pre.len() / out_f.max(1);
+        let dx = with_f32(&g, "frozen-linear-gelu-bwd", |g| {
+            let mut dpre = vec![0f32; pre.len()];
+            dpre.par_chunks_mut(4096)
+                .zip(pre.par_chunks(4096).zip(g.par_chunks(4096)))
+                .for_each(|(d, (x, g))| simd::gelu_bwd(x, g, d));
+            with_f32(&self.weight, "frozen-linear-gelu-bwd", |w| input_grad(m, &dpre, w, out_f, in_f, self.packs.as_deref()))
+        })??;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// `gelu_erf(x·Wᵀ + b)` for a frozen `W`: fused on the bf16 tiles at bf16
+/// matmul precision, else [`frozen_linear_packed`] then [`gelu_erf`].
+pub fn frozen_linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Arc<Packs>>) -> Result<Tensor> {
+    let m = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || !amx::use_bf16(m) {
+        return gelu_erf(&frozen_linear_packed(x, weight, bias, packs)?);
+    }
+    let op = FrozenLinearGelu {
+        weight: weight.detach().contiguous()?,
+        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
+        packs: packs.cloned(),
+        keep: x.track_op(),
+        pre: Default::default(),
+    };
+    x.contiguous()?.apply_op1(op)
 }
 
 /// GELU, `0.5·x·(1 + erf(x/√2))`, with a backward pass.

@@ -289,7 +289,11 @@ impl Layer {
 
     fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let a = self.attention.forward(x, mask_bias, train)?; // (B, T, H)
-        let i = self.act.apply(&self.intermediate.forward(&a, train)?)?; // (B, T, F)
+        let i = match self.act {
+            // One pass on the bf16 tiles at bf16 matmul precision.
+            Activation::GeluErf => self.intermediate.forward_gelu(&a, train)?,
+            act => act.apply(&self.intermediate.forward(&a, train)?)?,
+        }; // (B, T, F)
         self.norm.add_dropout_forward(&self.output.forward(&i, train)?, &a, self.dropout, train)
     }
 }
