@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """All benchmarks, `lora` (Rust/candle) against PyTorch (+ PEFT, + transformers Trainer), in one command.
 
-    python3 bench/run_all.py [--parts fixed,e2e,decoder,gemm] [--rounds 3] [--threads 2]
+    python3 bench/run_all.py [--parts fixed,fixed-bf16,e2e,e2e-bf16,decoder,gemm] [--rounds 3] [--threads 2]
         [--steps 10] [--decoder-steps 10] [--decoder-warmup 2] [--decoder-batch 4] [--decoder-seq-len 128]
         [--gemm-sizes 1024,2048] [--gemm-steps 10]
         [--e2e-epochs 3] [--e2e-limit N] [--e2e-max-steps N]
@@ -28,6 +28,11 @@ process, so each peak RSS is its own; the tables show medians over the rounds):
            wall and takes the larger peak RSS. --e2e-limit N uses the first N rows of each split
            (written to a temporary folder, read by both tools) and --e2e-max-steps N stops
            training after N steps: both for smoke tests only.
+  fixed-bf16, e2e-bf16
+           the same two workloads at bf16 precision: ours with `--matmul-precision bf16` (frozen-weight
+           GEMMs on AMX tiles, bf16 inputs, f32 sums), PyTorch with bf16 autocast (peft_bench.py --bf16;
+           e2e_trainer.py --bf16 = TrainingArguments(bf16=True)). Their tables add rows comparing ours
+           in bf16 with PyTorch in f32 (from the f32 parts). Need a CPU with AMX-BF16.
   decoder  `lora bench --mode decoder` (SmolLM2-135M Q4_1 GGUF through the `lora train --task
            causal-lm` loader, 4-bit base) vs bench/reference/decoder_bench.py (the same GGUF
            dequantized to f32 by transformers): LoRA r=16 alpha=32 dropout 0.05 on
@@ -63,7 +68,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("fixed", "e2e", "decoder", "gemm")
+PARTS = ("fixed", "fixed-bf16", "e2e", "e2e-bf16", "decoder", "gemm")
 
 
 def log(*a):
@@ -177,18 +182,19 @@ def decoder_flops(b=4, t=128, h=576, f=1536, layers=30, heads=9, kv_heads=3, voc
 
 # ---------------------------------------------------------------- parts
 
-def run_fixed(a, py, rnd, ours, theirs):
+def run_fixed(a, py, rnd, ours, theirs, bf16=False):
     for mode in ("train", "infer"):
         def o():
-            log(f"  fixed {mode}: lora")
+            log(f"  fixed {mode}: lora{' bf16' if bf16 else ''}")
             collect(ours, last_json(Child.run([a.lora_bin, "--threads", a.threads, "bench", "--mode", mode,
-                                               "--steps", a.steps, "--json"])[0]))
+                                               "--steps", a.steps, "--json"]
+                                              + (["--matmul-precision", "bf16"] if bf16 else []))[0]))
 
         def t():
-            log(f"  fixed {mode}: pytorch+peft")
+            log(f"  fixed {mode}: pytorch+peft{' bf16 autocast' if bf16 else ''}")
             collect(theirs, last_json(Child.run([py, ROOT / "bench/reference/peft_bench.py", "--mode", mode,
                                                  "--threads", a.threads, "--steps", a.steps,
-                                                 "--infer-reps", a.steps])[0]))
+                                                 "--infer-reps", a.steps] + (["--bf16"] if bf16 else []))[0]))
         for f in ((o, t) if rnd % 2 == 0 else (t, o)):
             f()
 
@@ -208,13 +214,14 @@ def e2e_data(a, tmp):
     return sub
 
 
-def run_e2e(a, py, rnd, ours, theirs, data, tmp):
+def run_e2e(a, py, rnd, ours, theirs, data, tmp, bf16=False):
     model = a.e2e_model
+    prec = ["--matmul-precision", "bf16"] if bf16 else []
 
     def o():
-        log("  e2e: lora train + lora eval")
+        log(f"  e2e: lora train + lora eval{' (bf16 matmuls)' if bf16 else ''}")
         out_dir = Path(tmp) / f"e2e_lora_{rnd}"
-        cmd = [a.lora_bin, "--threads", a.threads, "train", "--task", "classify", "--model", model,
+        cmd = [a.lora_bin, "--threads", a.threads] + prec + ["train", "--task", "classify", "--model", model,
                "--train", data / "train.csv", "--valid", data / "valid.csv",
                "--text-column", "text", "--label-column", "label", "--head", "pooler",
                "--rank", "8", "--alpha", "16", "--dropout", "0.1", "--targets", "query,value",
@@ -224,7 +231,7 @@ def run_e2e(a, py, rnd, ours, theirs, data, tmp):
             cmd += ["--max-steps", a.e2e_max_steps]
         out, w1, m1 = Child.run(cmd)
         tr = last_json(out)
-        out, w2, m2 = Child.run([a.lora_bin, "--threads", a.threads, "eval", "--model", model,
+        out, w2, m2 = Child.run([a.lora_bin, "--threads", a.threads] + prec + ["eval", "--model", model,
                                  "--adapter", out_dir, "--data", data / "test.csv", "--json"])
         ev = last_json(out)
         n_train = sum(1 for _ in open(data / "train.csv", encoding="utf-8")) - 1
@@ -236,9 +243,9 @@ def run_e2e(a, py, rnd, ours, theirs, data, tmp):
                        "train_samples_per_s": samples / tr["train_seconds"]})
 
     def t():
-        log("  e2e: transformers Trainer + PEFT")
+        log(f"  e2e: transformers Trainer + PEFT{' (bf16=True)' if bf16 else ''}")
         cmd = [py, ROOT / "bench/reference/e2e_trainer.py", "--model", model, "--data", data,
-               "--threads", a.threads, "--epochs", a.e2e_epochs]
+               "--threads", a.threads, "--epochs", a.e2e_epochs] + (["--bf16"] if bf16 else [])
         if a.e2e_max_steps:
             cmd += ["--max-steps", a.e2e_max_steps]
         out, w, m = Child.run(cmd)
@@ -319,8 +326,10 @@ def header(p, what):
             f"{fmt(p.get('loadavg_start'), 2)}.\n\n")
 
 
-def md_fixed(p, peak):
+def md_fixed(p, peak, f32=None):
+    """`f32`: the f32 fixed part, when `p` is the bf16 one (adds rows against PyTorch f32)."""
     O, T = p["medians"]["ours"], p["medians"]["theirs"]
+    bf16 = f32 is not None
     g = lambda d, k: d.get(k)
     fl = encoder_flops()
     rows = []
@@ -331,16 +340,18 @@ def md_fixed(p, peak):
     go, gt = gf(tr_o, fl["train"]), gf(tr_t, fl["train"])
     rows.append(("train GFLOP/s (analytic)", go, gt, ratio_str(div(go, gt)), "", None, 1))
     so, st = div(go, peak), div(gt, peak)
-    rows.append(("train share of GEMM peak", ratio_str(so, True), ratio_str(st, True), None, "ours >= 70%",
-                 None if so is None else so >= 0.7, 1))
+    if not bf16:
+        rows.append(("train share of GEMM peak", ratio_str(so, True), ratio_str(st, True), None, "ours >= 70%",
+                     None if so is None else so >= 0.7, 1))
     for v in ("base", "unmerged", "merged"):
         a, b = g(O, f"infer_samples_per_s_{v}"), g(T, f"infer_samples_per_s_{v}")
         r = div(a, b)
         rows.append((f"infer samples/s ({v})", a, b, ratio_str(r), ">= 1.3x", None if r is None else r >= 1.3, 1))
     ib_o, ib_t = gf(g(O, "infer_samples_per_s_base"), fl["forward_base"]), gf(g(T, "infer_samples_per_s_base"), fl["forward_base"])
     rows.append(("infer GFLOP/s (base, analytic)", ib_o, ib_t, ratio_str(div(ib_o, ib_t)), "", None, 1))
-    rows.append(("infer share of GEMM peak (base)", ratio_str(div(ib_o, peak), True), ratio_str(div(ib_t, peak), True),
-                 None, "", None, 1))
+    if not bf16:
+        rows.append(("infer share of GEMM peak (base)", ratio_str(div(ib_o, peak), True), ratio_str(div(ib_t, peak), True),
+                     None, "", None, 1))
     # Costs within each tool: time per batch relative to the base model.
     mb_o = div(g(O, "infer_samples_per_s_base"), g(O, "infer_samples_per_s_merged"))
     mb_t = div(g(T, "infer_samples_per_s_base"), g(T, "infer_samples_per_s_merged"))
@@ -352,14 +363,29 @@ def md_fixed(p, peak):
     for k, name in (("peak_rss_mb_train", "peak RSS MB (train)"), ("peak_rss_mb_infer", "peak RSS MB (infer)")):
         a, b = g(O, k), g(T, k)
         rows.append((name, a, b, ratio_str(div(a, b)), "", None, 0))
+    if bf16:
+        F = f32["medians"]["theirs"]
+        for k, name in (("train_samples_per_s", "train"), ("infer_samples_per_s_base", "infer (base)"),
+                        ("infer_samples_per_s_unmerged", "infer (unmerged)"), ("infer_samples_per_s_merged", "infer (merged)")):
+            a, b = g(O, k), g(F, k)
+            rows.append((f"{name} samples/s: ours bf16 vs PyTorch f32", a, b, ratio_str(div(a, b)), "", None, 1))
     note = (f"\nWorkload: MiniLM-L6 shape, batch 32 x 128, LoRA r=8 on query,value + head. Analytic GEMM FLOPs: "
             f"{fl['train'] / 1e9:.1f} GFLOP per training step, {fl['forward_base'] / 1e9:.1f} GFLOP per base "
-            f"inference pass. GEMM peak {fmt(peak)} GFLOP/s (gemm part). Ratios are ours/theirs.\n")
+            f"inference pass. GEMM peak {fmt(peak)} GFLOP/s (gemm part, f32). Ratios are ours/theirs.\n")
+    if bf16:
+        note += ("\nbf16: ours `--matmul-precision bf16` (frozen-weight GEMMs with bf16 inputs and f32 sums on AMX "
+                 "tiles; LoRA, attention, norms and the optimizer in f32); PyTorch `torch.autocast('cpu', "
+                 "dtype=torch.bfloat16)` around the forward pass, as `Trainer(bf16=True)` does (linears and attention "
+                 "matmuls in bf16 through oneDNN). The last rows compare ours in bf16 with PyTorch in f32 (the "
+                 f"fixed part, {f32.get('date', '?')}).\n")
+        return header(p, "Fixed-shape encoder step in bf16 (`lora bench --matmul-precision bf16` vs peft_bench.py --bf16)") + table(rows) + note
     return header(p, "Fixed-shape encoder step (`lora bench` vs peft_bench.py)") + table(rows) + note
 
 
-def md_e2e(p):
+def md_e2e(p, f32=None):
+    """`f32`: the f32 e2e part, when `p` is the bf16 one (adds rows against PyTorch f32)."""
     O, T = p["medians"]["ours"], p["medians"]["theirs"]
+    bf16 = f32 is not None
     rows = []
     wo, wt = O.get("wall_s"), T.get("wall_s")
     sp = div(wt, wo)
@@ -383,6 +409,25 @@ def md_e2e(p):
             f"{', max ' + str(s['max_steps']) + ' steps' if s.get('max_steps') else ''}, lr 5e-4, batch 32, max length 128, "
             "LoRA r=8 alpha=16 dropout 0.1 on query,value + classifier, best epoch by validation macro F1, then the "
             "test split. Wall and peak RSS measured from outside each process (ours: `lora train` + `lora eval`).\n")
+    if bf16:
+        F = f32["medians"]["theirs"]
+        wf = F.get("wall_s")
+        spf = div(wf, wo)
+        af = F.get("test_accuracy")
+        acc_f = None if ao is None or af is None else abs(ao - af) * 100 <= 0.5
+        rows.append(("wall s: ours bf16 vs PyTorch f32", wo, wf, None if spf is None else f"{spf:.2f}x speed-up",
+                     ">= 2x at equal accuracy", None if spf is None else (spf >= 2.0 and bool(acc_f)), 1))
+        rows.append(("test accuracy %: ours bf16 vs PyTorch f32", None if ao is None else 100 * ao,
+                     None if af is None else 100 * af, None if acc_f is None else f"{100 * (ao - af):+.2f} points",
+                     "within ±0.5 points", acc_f, 2))
+        rr_f = div(ro, F.get("peak_rss_mb"))
+        rows.append(("peak RSS MB: ours bf16 vs PyTorch f32", ro, F.get("peak_rss_mb"), ratio_str(rr_f), "<= 0.5x",
+                     None if rr_f is None else rr_f <= 0.5, 0))
+        note += ("\nbf16: ours `--matmul-precision bf16` for `lora train` and `lora eval` (frozen-weight GEMMs in "
+                 "bf16 with f32 sums on AMX tiles; the adapter, attention, norms and AdamW in f32); PyTorch "
+                 "`TrainingArguments(bf16=True)` (autocast to bf16 on the CPU for training and evaluation). The last "
+                 f"rows compare ours in bf16 with PyTorch in f32 (the e2e part, {f32.get('date', '?')}).\n")
+        return header(p, "End to end in bf16: sentiment fine-tuning to test accuracy (`--matmul-precision bf16` vs Trainer bf16=True)") + table(rows) + note
     return header(p, "End to end: sentiment fine-tuning to test accuracy (`lora train` + `lora eval` vs transformers Trainer + PEFT)") + table(rows) + note
 
 
@@ -492,24 +537,27 @@ def main():
             "rounds": a.rounds, "loadavg_start": os.getloadavg()[0]}
     res = {p: {"ours": {}, "theirs": {}, "loadavg": []} for p in parts}
     with tempfile.TemporaryDirectory(prefix="lora_bench_") as tmp:
-        data = e2e_data(a, tmp) if "e2e" in parts else None
+        data = e2e_data(a, tmp) if ("e2e" in parts or "e2e-bf16" in parts) else None
         for rnd in range(a.rounds):
             for p in parts:
                 log(f"round {rnd + 1}/{a.rounds}: {p} (load average {os.getloadavg()[0]:.2f})")
                 res[p]["loadavg"].append(os.getloadavg()[0])
                 R = res[p]
-                if p == "fixed":
-                    run_fixed(a, py, rnd, R["ours"], R["theirs"])
-                elif p == "e2e":
-                    run_e2e(a, py, rnd, R["ours"], R["theirs"], data, tmp)
+                if p in ("fixed", "fixed-bf16"):
+                    run_fixed(a, py, rnd, R["ours"], R["theirs"], bf16=p.endswith("bf16"))
+                elif p in ("e2e", "e2e-bf16"):
+                    run_e2e(a, py, rnd, R["ours"], R["theirs"], data, tmp, bf16=p.endswith("bf16"))
                 elif p == "decoder":
                     run_decoder(a, py, rnd, R["ours"], R["theirs"])
                 else:
                     run_gemm(a, py, rnd, R["ours"], R["theirs"])
     settings = {
         "fixed": {"steps": int(a.steps), "batch": 32, "seq_len": 128},
+        "fixed-bf16": {"steps": int(a.steps), "batch": 32, "seq_len": 128, "precision": "bf16"},
         "e2e": {"data": a.e2e_data, "model": a.e2e_model, "epochs": int(a.e2e_epochs), "limit": a.e2e_limit,
                 "max_steps": int(a.e2e_max_steps) if a.e2e_max_steps else None},
+        "e2e-bf16": {"data": a.e2e_data, "model": a.e2e_model, "epochs": int(a.e2e_epochs), "limit": a.e2e_limit,
+                     "max_steps": int(a.e2e_max_steps) if a.e2e_max_steps else None, "precision": "bf16"},
         "decoder": {"model": a.decoder_model, "batch": int(a.decoder_batch), "seq_len": int(a.decoder_seq_len),
                     "steps": int(a.decoder_steps), "warmup": int(a.decoder_warmup)},
         "gemm": {"sizes": [int(s) for s in a.gemm_sizes.split(",") if s.strip()], "steps": int(a.gemm_steps)},
@@ -520,11 +568,11 @@ def main():
         all_parts[p] = {**base, "loadavg_start": R["loadavg"][0], "loadavg": R["loadavg"], "settings": settings[p],
                         "ours": R["ours"], "theirs": R["theirs"],
                         "medians": {s: {k: med(R[s], k) for k in R[s]} for s in ("ours", "theirs")}}
-        if p == "e2e" and (a.e2e_limit or a.e2e_max_steps):
+        if p in ("e2e", "e2e-bf16") and (a.e2e_limit or a.e2e_max_steps):
             all_parts[p]["note"] = "SMOKE TEST (subset / step limit), not a result"
     peak = machine_peak(all_parts.get("gemm"))
     for p, v in all_parts.items():
-        if p == "fixed":
+        if p in ("fixed", "fixed-bf16"):
             fl = encoder_flops()
             v["flops"] = fl
         elif p == "decoder":
@@ -542,8 +590,12 @@ def main():
             continue
         if p == "fixed":
             md.append(md_fixed(v, peak))
+        elif p == "fixed-bf16":
+            md.append(md_fixed(v, peak, f32=all_parts.get("fixed") or {"medians": {"theirs": {}}}))
         elif p == "e2e":
             md.append(md_e2e(v))
+        elif p == "e2e-bf16":
+            md.append(md_e2e(v, f32=all_parts.get("e2e") or {"medians": {"theirs": {}}}))
         elif p == "decoder":
             md.append(md_decoder(v, peak))
         else:

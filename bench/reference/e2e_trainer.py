@@ -63,6 +63,8 @@ def main():
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (smoke tests)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bf16", action="store_true",
+                    help="TrainingArguments(bf16=True): bf16 autocast on the CPU (training and evaluation)")
     ap.add_argument("--no-group-by-length", action="store_true",
                     help="random batches (Trainer's default sampler) instead of length-grouped ones")
     ap.add_argument("--out", help="Trainer output_dir (default: a temporary folder, removed)")
@@ -142,6 +144,8 @@ def main():
         logging_steps=10,
         seed=args.seed,
         use_cpu=True,
+        bf16=args.bf16,
+        bf16_full_eval=False,
         dataloader_pin_memory=False,
         report_to="none",
         disable_tqdm=True,
@@ -164,7 +168,7 @@ def main():
         "threads": args.threads, "model": args.model, "data": args.data,
         "train_rows": len(data["train"]), "valid_rows": len(data["valid"]), "test_rows": len(data["test"]),
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "max_len": args.max_len,
-        "max_steps": args.max_steps, "group_by_length": not args.no_group_by_length,
+        "max_steps": args.max_steps, "group_by_length": not args.no_group_by_length, "bf16": args.bf16,
         "trainable_params": trainable, "steps": trainer.state.global_step,
         "best_valid_macro_f1": best,
         "wall_s": time.perf_counter() - T_START, "train_s": train_s, "test_eval_s": test_s,

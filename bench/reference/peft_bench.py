@@ -7,7 +7,7 @@ Run (with the reference venv made by scripts/reference/setup_venv.sh):
     VENV=${LORA_REF_VENV:-$HOME/.cache/lora-rs/venv}
     $VENV/bin/python bench/reference/peft_bench.py                # random MiniLM-L6-shaped BERT
     $VENV/bin/python bench/reference/peft_bench.py --model ~/.cache/lora-rs/models/all-MiniLM-L6-v2
-    options: --threads 2 --steps 10 --batch 32 --seq-len 128 --infer-reps 10
+    options: --threads 2 --steps 10 --batch 32 --seq-len 128 --infer-reps 10 [--bf16]
 
 Workload: BertForSequenceClassification with the all-MiniLM-L6-v2 shape (hidden 384,
 6 layers, 12 heads, FFN 1536, vocab 30522, 512 positions), 4 labels, random init
@@ -59,6 +59,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def autocast(args):
+    import contextlib
+    import torch
+    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
 def build(args):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -102,7 +108,8 @@ def mode_train(args):
     times, cpu = [], []
     for step in range(2 + args.steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        out = model(**batch, labels=labels)
+        with autocast(args):
+            out = model(**batch, labels=labels)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -139,7 +146,8 @@ def mode_infer(args):
             rnd = {}
             for name, m in models.items():
                 t0, c0 = time.perf_counter(), time.process_time()
-                m(**batch)
+                with autocast(args):
+                    m(**batch)
                 rnd[name] = time.perf_counter() - t0
                 if i >= 1:
                     times[name].append(rnd[name])
@@ -164,6 +172,9 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--model", help="HF BERT folder (e.g. all-MiniLM-L6-v2) instead of random init")
+    ap.add_argument("--bf16", action="store_true",
+                    help="run forward passes under torch.autocast('cpu', dtype=torch.bfloat16), as "
+                         "Trainer(bf16=True) does: linears and attention matmuls in bf16 (oneDNN/AMX), weights f32")
     args = ap.parse_args()
 
     if args.mode:
@@ -180,14 +191,15 @@ def main():
               "loadavg_1m_at_start": os.getloadavg()[0], "cpus": os.cpu_count(),
               "transformers": transformers.__version__, "peft": peft.__version__,
               "threads": args.threads, "model": args.model or "random-init MiniLM-L6 shape",
-              "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
+              "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "bf16": args.bf16,
               "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"],
                        "modules_to_save": ["classifier"], "optimizer": "AdamW lr 5e-4"}}
     for mode in ("train", "infer"):
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode,
                "--threads", str(args.threads), "--steps", str(args.steps),
                "--infer-reps", str(args.infer_reps), "--batch", str(args.batch),
-               "--seq-len", str(args.seq_len)] + (["--model", args.model] if args.model else [])
+               "--seq-len", str(args.seq_len)] + (["--model", args.model] if args.model else []) \
+            + (["--bf16"] if args.bf16 else [])
         log(f"== {mode}")
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if p.returncode != 0:

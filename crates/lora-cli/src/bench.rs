@@ -229,6 +229,7 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         "seq_len": args.seq_len,
         "rank": args.rank,
         "targets": args.targets,
+        "matmul_precision": lora_core::amx::matmul_precision().to_string(),
     });
     let bs = args.batch_size.unwrap_or(32) as f64;
     if args.mode == "train" || args.mode == "all" {

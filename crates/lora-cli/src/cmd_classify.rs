@@ -448,6 +448,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         "trainable_share": trainable as f64 / total as f64,
         "train_seconds": secs,
         "peak_rss_mb": ui::peak_rss_mb(),
+        "matmul_precision": lora_core::amx::matmul_precision().to_string(),
     });
     if args.json {
         println!("{summary}");

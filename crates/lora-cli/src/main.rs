@@ -107,6 +107,9 @@ fn main() {
             eprintln!("error: --matmul-precision {p}: {e}");
             std::process::exit(2);
         }
+        if p == lora_core::amx::MatmulPrecision::Bf16 {
+            eprintln!("matmul precision: bf16 (frozen-weight GEMMs on AMX tiles, f32 sums; adapter, attention and norms in f32)");
+        }
     }
     let stop = Arc::new(AtomicBool::new(false));
     {

@@ -354,3 +354,46 @@ fn ctrl_c_checkpoint_and_exact_resume() {
     assert_eq!(r.json()["steps"].as_u64(), Some(total));
     assert_eq!(before, std::fs::read(cut.join("adapter_model.safetensors")).unwrap());
 }
+
+/// `--matmul-precision bf16` (AMX tiles): training learns the toy task, the
+/// summary says bf16, and predictions stay within the bf16 bound of the f32
+/// ones on the same adapter without being identical (the path is taken).
+/// An unknown precision is a one-line usage error.
+#[test]
+fn bf16_matmul_precision_trains_and_predicts() {
+    let r = lora(args!["--matmul-precision", "fp8", "bench"]);
+    assert_eq!(r.code, 2, "{}", r.describe());
+    let first = r.stderr.lines().next().unwrap_or("");
+    assert!(first.starts_with("error: ") && ["fp8", "f32", "bf16"].iter().all(|n| first.contains(n)), "{}", r.describe());
+    assert!(!r.stderr.contains("panicked"), "{}", r.describe());
+    if !lora_core::amx::available() {
+        eprintln!("skipped: no AMX-BF16 here");
+        return;
+    }
+    let dir = TempDir::new("bf16");
+    let m = model_dir();
+    let rows = toy_rows(&["pos", "neg", "neu"], 14);
+    let train = dir.file("train.csv", csv(&rows));
+    let out = dir.join("run");
+    let mut a = args!["--matmul-precision", "bf16"];
+    a.extend(train_args(&m, &train, &out, &["--epochs", "40", "--seed", "0", "--json"]));
+    let summary = lora(a).ok().json();
+    assert_eq!(summary["matmul_precision"], "bf16", "{summary}");
+    let ev = lora(args!["--matmul-precision", "bf16", "eval", "--model", &m, "--adapter", &out, "--data", &train, "--json"]).ok().json();
+    let acc = ev["accuracy"].as_f64().unwrap();
+    assert!(acc >= 0.8, "bf16 training accuracy {acc} on the training data (chance 0.33)");
+    let p16 = dir.join("p16.jsonl");
+    let p32 = dir.join("p32.jsonl");
+    lora(args!["--matmul-precision", "bf16", "predict", "--model", &m, "--adapter", &out, "--data", &train, "--out", &p16]).ok();
+    lora(args!["predict", "--model", &m, "--adapter", &out, "--data", &train, "--out", &p32]).ok();
+    let a = read_predictions(&p16, rows.len(), &["neg", "neu", "pos"]);
+    let b = read_predictions(&p32, rows.len(), &["neg", "neu", "pos"]);
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(&b) {
+        for (u, v) in x.1.iter().zip(&y.1) {
+            worst = worst.max((u - v).abs());
+        }
+    }
+    assert!(worst > 0.0, "bf16 predictions are identical to f32: the tile path was not taken");
+    assert!(worst < 0.05, "bf16 probabilities differ from f32 by {worst}");
+}
