@@ -327,14 +327,38 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
             if abuf.len() < rp * kp {
                 abuf.resize(rp * kp, 0);
             }
-            // This task's rows of A in bf16; the padding (K beyond k, rows
-            // beyond `rows`) is zeroed, as the buffer is reused.
-            for (i, row) in abuf[..rp * kp].chunks_mut(kp).enumerate() {
-                if i < rows {
+            // This task's rows of A in bf16, tile-major: for each group of
+            // 16 rows and each 32-deep K block, one contiguous 1 KiB tile
+            // (sequential tile loads). The padding (K beyond k, rows beyond
+            // `rows`) is zeroed, as the buffer is reused.
+            let kbs = b.kb;
+            let mut row = [0u16; 4096];
+            for i in 0..rp {
+                let (g, ri) = (i / TR, i % TR);
+                if i < rows && kp <= row.len() {
                     crate::simd::to_bf16_row(&a[(r0 + i) * lda..(r0 + i) * lda + k], &mut row[..k]);
-                    row[k..].fill(0);
+                    row[k..kp].fill(0);
                 } else {
-                    row.fill(0);
+                    let rl = row.len();
+                    row[..kp.min(rl)].fill(0);
+                }
+                for kb in 0..kbs {
+                    let t = ((g * kbs + kb) * TR + ri) * TK;
+                    if kp <= row.len() {
+                        abuf[t..t + TK].copy_from_slice(&row[kb * TK..kb * TK + TK]);
+                    } else if i < rows {
+                        // Very deep K (> 4096): convert each piece in place.
+                        let lo = kb * TK;
+                        let hi = (lo + TK).min(k);
+                        let src = &a[(r0 + i) * lda..];
+                        let dst = &mut abuf[t..t + TK];
+                        if lo < hi {
+                            crate::simd::to_bf16_row(&src[lo..hi], &mut dst[..hi - lo]);
+                        }
+                        dst[hi.max(lo) - lo..].fill(0);
+                    } else {
+                        abuf[t..t + TK].fill(0);
+                    }
                 }
             }
             let mut scratch = [0f32; 2 * TR * 2 * TR];
@@ -351,11 +375,11 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
                         unsafe {
                             sys::zero4();
                             for kb in 0..b.kb {
-                                let a0 = abuf.as_ptr().add(mb * kp + kb * TK);
-                                let a1 = a0.add(TR * kp);
+                                let a0 = abuf.as_ptr().add(((mb / TR) * kbs + kb) * TR * TK);
+                                let a1 = abuf.as_ptr().add(((mb / TR + 1) * kbs + kb) * TR * TK);
                                 let b0 = b.tile(j, kb);
                                 let b1 = if two_n { b.tile(j + 1, kb) } else { b0 };
-                                sys::step(a0, a1, kp * 2, b0, b1);
+                                sys::step(a0, a1, 64, b0, b1);
                             }
                             sys::store4(scratch.as_mut_ptr());
                         }
