@@ -652,7 +652,8 @@ mod tests {
             eprintln!("skipped: no AMX-BF16 here");
             return;
         }
-        for &(m, n, k) in &[(1, 1, 1), (17, 33, 45), (64, 16, 32), (100, 70, 130), (200, 48, 384), (33, 17, 1)] {
+        // k = 4100 takes the path for rows deeper than the 4096-element row buffer.
+        for &(m, n, k) in &[(1, 1, 1), (17, 33, 45), (64, 16, 32), (100, 70, 130), (200, 48, 384), (33, 17, 1), (19, 5, 4100)] {
             let a = round(&lcg(m as u64 * 7 + 1, m * k));
             let w = round(&lcg(n as u64 * 13 + 2, n * k));
             let packed = PackedBf16::pack_transposed(&w, n, k);
