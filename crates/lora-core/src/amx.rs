@@ -87,7 +87,8 @@ pub fn with_matmul_precision<T>(p: MatmulPrecision, f: impl FnOnce() -> T) -> Re
 
 /// The precision in use: a [`with_matmul_precision`] scope on this thread,
 /// else [`set_matmul_precision`], else `LORA_MATMUL_PRECISION` (f32 | bf16)
-/// when AMX is there, else f32.
+/// when AMX is there, else f32 (with one warning on stderr when the variable
+/// asks for what cannot be had).
 pub fn matmul_precision() -> MatmulPrecision {
     if let Some(p) = SCOPED.with(|c| c.get()) {
         return p;
@@ -96,8 +97,16 @@ pub fn matmul_precision() -> MatmulPrecision {
         1 => MatmulPrecision::F32,
         2 => MatmulPrecision::Bf16,
         _ => {
-            let p = match std::env::var("LORA_MATMUL_PRECISION").ok().and_then(|v| v.parse().ok()) {
-                Some(MatmulPrecision::Bf16) if available() => MatmulPrecision::Bf16,
+            let p = match std::env::var("LORA_MATMUL_PRECISION").ok().map(|v| (v.parse::<MatmulPrecision>(), v)) {
+                Some((Ok(MatmulPrecision::Bf16), _)) if available() => MatmulPrecision::Bf16,
+                Some((Ok(MatmulPrecision::Bf16), _)) => {
+                    eprintln!("warning: LORA_MATMUL_PRECISION=bf16 ignored, matmuls stay f32: {}", unavailable_reason());
+                    MatmulPrecision::F32
+                }
+                Some((Err(e), _)) => {
+                    eprintln!("warning: LORA_MATMUL_PRECISION ignored, matmuls stay f32: {e}");
+                    MatmulPrecision::F32
+                }
                 _ => MatmulPrecision::F32,
             };
             PRECISION.store(p as u8 + 1, Ordering::Relaxed);
