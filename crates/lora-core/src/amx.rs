@@ -57,11 +57,17 @@ static PRECISION: AtomicU8 = AtomicU8::new(0);
 /// Sets the precision of frozen-weight matmuls for the whole process.
 /// Errors when bf16 is asked for on a CPU (or kernel) without AMX-BF16.
 pub fn set_matmul_precision(p: MatmulPrecision) -> Result<(), String> {
-    if p == MatmulPrecision::Bf16 && !available() {
-        return Err(format!("bf16 matmuls need a CPU with AMX-BF16 (Intel Xeon 4th generation or later) and a Linux kernel that grants it; {}", unavailable_reason()));
-    }
+    check(p)?;
     PRECISION.store(p as u8 + 1, Ordering::Relaxed);
     Ok(())
+}
+
+/// Whether `p` can run here (bf16 needs [`available`]).
+fn check(p: MatmulPrecision) -> Result<(), String> {
+    match (p, enabled()) {
+        (MatmulPrecision::Bf16, Err(e)) => Err(format!("bf16 matmuls need a CPU with AMX-BF16 (Intel Xeon 4th generation or later) and a Linux kernel that grants it; {e}")),
+        _ => Ok(()),
+    }
 }
 
 thread_local! {
@@ -72,9 +78,7 @@ thread_local! {
 /// runs the forward and backward passes decides; kernels' worker threads
 /// follow it). Errors like [`set_matmul_precision`] when bf16 is unavailable.
 pub fn with_matmul_precision<T>(p: MatmulPrecision, f: impl FnOnce() -> T) -> Result<T, String> {
-    if p == MatmulPrecision::Bf16 && !available() {
-        return Err(format!("bf16 matmuls need AMX-BF16; {}", unavailable_reason()));
-    }
+    check(p)?;
     struct Restore(Option<MatmulPrecision>);
     impl Drop for Restore {
         fn drop(&mut self) {
@@ -97,17 +101,13 @@ pub fn matmul_precision() -> MatmulPrecision {
         1 => MatmulPrecision::F32,
         2 => MatmulPrecision::Bf16,
         _ => {
-            let p = match std::env::var("LORA_MATMUL_PRECISION").ok().map(|v| (v.parse::<MatmulPrecision>(), v)) {
-                Some((Ok(MatmulPrecision::Bf16), _)) if available() => MatmulPrecision::Bf16,
-                Some((Ok(MatmulPrecision::Bf16), _)) => {
-                    eprintln!("warning: LORA_MATMUL_PRECISION=bf16 ignored, matmuls stay f32: {}", unavailable_reason());
-                    MatmulPrecision::F32
-                }
-                Some((Err(e), _)) => {
+            let p = match std::env::var("LORA_MATMUL_PRECISION").ok().map(|v| v.parse::<MatmulPrecision>().and_then(|p| check(p).map(|()| p))) {
+                Some(Ok(p)) => p,
+                Some(Err(e)) => {
                     eprintln!("warning: LORA_MATMUL_PRECISION ignored, matmuls stay f32: {e}");
                     MatmulPrecision::F32
                 }
-                _ => MatmulPrecision::F32,
+                None => MatmulPrecision::F32,
             };
             PRECISION.store(p as u8 + 1, Ordering::Relaxed);
             p
@@ -126,25 +126,27 @@ pub fn use_bf16(m: usize) -> bool {
 /// Whether this CPU and kernel run AMX-BF16 (checked once; asks the kernel
 /// for the tile-data permission the first time).
 pub fn available() -> bool {
-    static AVAILABLE: OnceLock<Result<(), String>> = OnceLock::new();
-    AVAILABLE.get_or_init(sys::enable).is_ok()
+    enabled().is_ok()
 }
 
-fn unavailable_reason() -> String {
-    match sys::enable() {
-        Ok(()) => "it is available".into(),
-        Err(e) => e,
-    }
+/// The outcome of the one CPU check and permission request (why not, if not).
+fn enabled() -> &'static Result<(), String> {
+    static ENABLED: OnceLock<Result<(), String>> = OnceLock::new();
+    ENABLED.get_or_init(sys::enable)
 }
 
-/// Rounds f32 to bf16 (nearest, ties to even; NaN stays NaN).
+/// Rounds f32 to bf16 (nearest, ties to even; NaN stays NaN, quieted).
+/// Branch-free, so loops over it vectorize ([`crate::simd::to_bf16_row`]).
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet = ((b >> 16) as u16) | 0x40;
     if (b & 0x7fff_ffff) > 0x7f80_0000 {
-        return ((b >> 16) as u16) | 0x40;
+        quiet
+    } else {
+        rounded
     }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 #[inline(always)]
@@ -308,8 +310,9 @@ impl SendPtr {
 }
 
 thread_local! {
-    /// Each worker's bf16 copy of its rows of A (reused across calls).
-    static ABUF: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each worker's bf16 copy of its rows of A, and one row being
+    /// converted (both reused across calls).
+    static ABUF: std::cell::RefCell<(Vec<u16>, Vec<u16>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// # Safety
@@ -332,46 +335,33 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
         let rows = (m - r0).min(MC);
         let rp = rows.div_ceil(2 * TR) * 2 * TR;
         ABUF.with(|cell| {
-            let mut abuf = cell.borrow_mut();
+            let (abuf, row) = &mut *cell.borrow_mut();
             if abuf.len() < rp * kp {
                 abuf.resize(rp * kp, 0);
+            }
+            if row.len() < kp {
+                row.resize(kp, 0);
             }
             // This task's rows of A in bf16, tile-major: for each group of
             // 16 rows and each 32-deep K block, one contiguous 1 KiB tile
             // (sequential tile loads). The padding (K beyond k, rows beyond
             // `rows`) is zeroed, as the buffer is reused.
             let kbs = b.kb;
-            let mut row = [0u16; 4096];
             for i in 0..rp {
                 let (g, ri) = (i / TR, i % TR);
-                if i < rows && kp <= row.len() {
+                if i < rows {
                     crate::simd::to_bf16_row(&a[(r0 + i) * lda..(r0 + i) * lda + k], &mut row[..k]);
                     row[k..kp].fill(0);
                 } else {
-                    let rl = row.len();
-                    row[..kp.min(rl)].fill(0);
+                    row[..kp].fill(0);
                 }
                 for kb in 0..kbs {
                     let t = ((g * kbs + kb) * TR + ri) * TK;
-                    if kp <= row.len() {
-                        abuf[t..t + TK].copy_from_slice(&row[kb * TK..kb * TK + TK]);
-                    } else if i < rows {
-                        // Very deep K (> 4096): convert each piece in place.
-                        let lo = kb * TK;
-                        let hi = (lo + TK).min(k);
-                        let src = &a[(r0 + i) * lda..];
-                        let dst = &mut abuf[t..t + TK];
-                        if lo < hi {
-                            crate::simd::to_bf16_row(&src[lo..hi], &mut dst[..hi - lo]);
-                        }
-                        dst[hi.max(lo) - lo..].fill(0);
-                    } else {
-                        abuf[t..t + TK].fill(0);
-                    }
+                    abuf[t..t + TK].copy_from_slice(&row[kb * TK..kb * TK + TK]);
                 }
             }
             let mut scratch = [0f32; 2 * TR * 2 * TR];
-            let mut gelu_in = [0f32; 2 * TR * 2 * TR];
+            let mut activated = [0f32; 2 * TR * 2 * TR];
             sys::with_tiles(|| {
                 for j in (0..b.nt).step_by(2) {
                     let two_n = j + 1 < b.nt;
@@ -393,50 +383,38 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
                             sys::store4(scratch.as_mut_ptr());
                         }
                         let nrows = rows.saturating_sub(mb).min(2 * TR);
-                        // GELU runs once over the whole block (one call of
-                        // 1024 elements rather than 32 calls of 32).
-                        let (no_gelu, gelu_ep) = (Epilogue { gelu: false, ..ep }, ep.gelu);
                         for r in 0..nrows {
                             let off = (r0 + mb + r) * n + c0;
                             let s = &mut scratch[r * 2 * TR..r * 2 * TR + cols];
                             // SAFETY: row r0+mb+r < m, columns c0..c0+cols < n;
                             // rows of different tasks are disjoint.
-                            let d: &mut [f32] = if gelu_ep {
-                                &mut gelu_in[r * 2 * TR..r * 2 * TR + cols]
-                            } else {
-                                unsafe { std::slice::from_raw_parts_mut(dst.get().add(off), cols) }
-                            };
-                            let p = (!pre.get().is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(pre.get().add(off), cols) });
-                            let bias = ep.bias.map(|b| &b[c0..c0 + cols]);
-                            if ep.accumulate && gelu_ep {
-                                // SAFETY: as above; read the destination to add it.
-                                let cur = unsafe { std::slice::from_raw_parts(dst.get().add(off), cols) };
-                                for (s, c) in s.iter_mut().zip(cur) {
-                                    *s += *c;
+                            let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add(off), cols) };
+                            if ep.accumulate {
+                                for (s, d) in s.iter_mut().zip(d.iter()) {
+                                    *s += *d;
                                 }
                             }
-                            let ep_row = if gelu_ep { Epilogue { accumulate: false, ..no_gelu } } else { no_gelu };
-                            if cols == 2 * TR {
-                                // Constant length: the copies compile to vector
-                                // moves instead of memmove calls (~10% of a step).
-                                finish_row::<{ 2 * TR }>(s.try_into().expect("32"), d.try_into().expect("32"), p.map(|p| p.try_into().expect("32")), bias.map(|b| b.try_into().expect("32")), ep_row);
-                            } else {
-                                finish_row_any(s, d, p, bias, ep_row);
+                            if let Some(bias) = ep.bias {
+                                for (s, b) in s.iter_mut().zip(&bias[c0..c0 + cols]) {
+                                    *s += *b;
+                                }
+                            }
+                            if !pre.get().is_null() {
+                                // SAFETY: as for dst.
+                                copy_row(unsafe { std::slice::from_raw_parts_mut(pre.get().add(off), cols) }, s);
+                            }
+                            if !ep.gelu {
+                                copy_row(d, s);
                             }
                         }
-                        if gelu_ep {
-                            crate::simd::gelu_fwd(&gelu_in[..nrows * 2 * TR], &mut scratch[..nrows * 2 * TR]);
+                        if ep.gelu {
+                            // Once over the whole block (one call of 1024
+                            // elements rather than 32 calls of 32).
+                            crate::simd::gelu_fwd(&scratch[..nrows * 2 * TR], &mut activated[..nrows * 2 * TR]);
                             for r in 0..nrows {
-                                let off = (r0 + mb + r) * n + c0;
                                 // SAFETY: as above.
-                                let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add(off), cols) };
-                                let s = &scratch[r * 2 * TR..r * 2 * TR + cols];
-                                if cols == 2 * TR {
-                                    let d: &mut [f32; 2 * TR] = d.try_into().expect("32");
-                                    *d = s.try_into().expect("32");
-                                } else {
-                                    d.copy_from_slice(s);
-                                }
+                                let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add((r0 + mb + r) * n + c0), cols) };
+                                copy_row(d, &activated[r * 2 * TR..r * 2 * TR + cols]);
                             }
                         }
                     }
@@ -452,49 +430,14 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
     }
 }
 
-/// One row of a block on its way out: `[+ dst] [+ bias]`, `pre` keeps the
-/// values before GELU, `dst` gets them or their GELU.
+/// `d = s` for one block row; a whole row (32) is copied with a constant
+/// length, which compiles to vector moves instead of a memmove call (the
+/// calls were ~10% of a training step).
 #[inline(always)]
-fn finish_row<const C: usize>(s: &mut [f32; C], d: &mut [f32; C], pre: Option<&mut [f32; C]>, bias: Option<&[f32; C]>, ep: Epilogue) {
-    if ep.accumulate {
-        for i in 0..C {
-            s[i] += d[i];
-        }
-    }
-    if let Some(b) = bias {
-        for i in 0..C {
-            s[i] += b[i];
-        }
-    }
-    if let Some(p) = pre {
-        *p = *s;
-    }
-    if ep.gelu {
-        crate::simd::gelu_fwd(s, d);
-    } else {
-        *d = *s;
-    }
-}
-
-/// [`finish_row`] for a ragged last column block.
-fn finish_row_any(s: &mut [f32], d: &mut [f32], pre: Option<&mut [f32]>, bias: Option<&[f32]>, ep: Epilogue) {
-    if ep.accumulate {
-        for (s, d) in s.iter_mut().zip(d.iter()) {
-            *s += *d;
-        }
-    }
-    if let Some(b) = bias {
-        for (s, b) in s.iter_mut().zip(b) {
-            *s += *b;
-        }
-    }
-    if let Some(p) = pre {
-        p.copy_from_slice(s);
-    }
-    if ep.gelu {
-        crate::simd::gelu_fwd(s, d);
-    } else {
-        d.copy_from_slice(s);
+fn copy_row(d: &mut [f32], s: &[f32]) {
+    match (<&mut [f32; 2 * TR]>::try_from(&mut *d), <&[f32; 2 * TR]>::try_from(s)) {
+        (Ok(d), Ok(s)) => *d = *s,
+        _ => d.copy_from_slice(s),
     }
 }
 
@@ -661,7 +604,7 @@ mod tests {
             eprintln!("skipped: no AMX-BF16 here");
             return;
         }
-        // k = 4100 takes the path for rows deeper than the 4096-element row buffer.
+        // k = 4100: rows deeper than the usual sizes (the row buffer grows).
         for &(m, n, k) in &[(1, 1, 1), (17, 33, 45), (64, 16, 32), (100, 70, 130), (200, 48, 384), (33, 17, 1), (19, 5, 4100)] {
             let a = round(&lcg(m as u64 * 7 + 1, m * k));
             let w = round(&lcg(n as u64 * 13 + 2, n * k));

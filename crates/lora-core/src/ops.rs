@@ -162,16 +162,9 @@ impl CustomOp1 for FrozenLinear {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "frozen-linear")?;
-        let (out_f, in_f) = self.weight.dims2()?;
-        let dims = l.dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != in_f {
-            candle_core::bail!("frozen-linear: input has {k} features, weight expects {in_f}")
-        }
+        let shape = linear_out_shape(l, &self.weight, "frozen-linear")?;
         let dst = linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear")?;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = out_f;
-        Ok((CpuStorage::F32(dst), Shape::from(out_dims)))
+        Ok((CpuStorage::F32(dst), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -185,6 +178,20 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
+/// The output shape of `x·Wᵀ` for `x` laid out as `l` and `W` (out×in);
+/// errors when `x`'s last dim is not `in`.
+fn linear_out_shape(l: &Layout, weight: &Tensor, op: &'static str) -> Result<Shape> {
+    let (out_f, in_f) = weight.dims2()?;
+    let dims = l.dims();
+    let k = *dims.last().unwrap_or(&0);
+    if k != in_f {
+        candle_core::bail!("{op}: input has {k} features, weight expects {in_f}")
+    }
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = out_f;
+    Ok(Shape::from(out_dims))
+}
+
 /// `x·Wᵀ + b` (M×out) for row-major `x` (M×in) and a contiguous `W` (out×in):
 /// the bias rows are laid down first and the GEMM accumulates onto them;
 /// without a bias the GEMM writes a fresh buffer.
@@ -195,17 +202,7 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, pac
     let (out_f, in_f) = weight.dims2()?;
     let m = x.len() / in_f.max(1);
     if amx::use_bf16(m) {
-        return with_f32(weight, op, |w| {
-            let packed = match packs {
-                Some(p) => p.forward(w, out_f, in_f),
-                None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
-            };
-            let run = |bias: Option<&[f32]>| amx::gemm_bf16_new(m, x, in_f, &packed, amx::Epilogue { bias, ..Default::default() }, false).0;
-            match bias {
-                Some(b) => with_f32(b, op, |b| run(Some(b))),
-                None => Ok(run(None)),
-            }
-        })?;
+        return Ok(linear_rows_bf16(x, weight, bias, packs, false, false, op)?.0);
     }
     // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i].
     match bias {
@@ -216,6 +213,25 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, pac
         }
         None => with_f32(weight, op, |w| sgemm_new(m, out_f, in_f, x, in_f, 1, w, 1, in_f, 1.0)),
     }
+}
+
+/// `x·Wᵀ + b` on the bf16 tiles over the layer's packed weight (`packs`, or a
+/// pack made for this call); with `gelu` the output is its GELU, and with
+/// `keep_pre` the values before it come back too.
+fn linear_rows_bf16(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Packs>, gelu: bool, keep_pre: bool, op: &'static str) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let (out_f, in_f) = weight.dims2()?;
+    let m = x.len() / in_f.max(1);
+    with_f32(weight, op, |w| {
+        let packed = match packs {
+            Some(p) => p.forward(w, out_f, in_f),
+            None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
+        };
+        let run = |bias: Option<&[f32]>| amx::gemm_bf16_new(m, x, in_f, &packed, amx::Epilogue { bias, gelu, ..Default::default() }, keep_pre);
+        match bias {
+            Some(b) => with_f32(b, op, |b| run(Some(b))),
+            None => Ok(run(None)),
+        }
+    })?
 }
 
 /// `dx = g·W` (M×in) for the output gradient `g` (M×out) of a frozen `W`
@@ -460,16 +476,18 @@ impl CustomOp1 for GeluErf {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let x = arg.contiguous()?;
         let g = grad.contiguous()?;
-        let mut dx = vec![0f32; x.elem_count()];
-        with_f32(&x, "gelu-bwd", |x| {
-            with_f32(&g, "gelu-bwd", |g| {
-                dx.par_chunks_mut(4096)
-                    .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
-                    .for_each(|(d, (x, g))| simd::gelu_bwd(x, g, d))
-            })
-        })??;
+        let dx = with_f32(&x, "gelu-bwd", |x| with_f32(&g, "gelu-bwd", |g| gelu_grad(x, g)))??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
+}
+
+/// `g · gelu'(x)`, in parallel chunks.
+fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096).zip(g.par_chunks(4096)))
+        .for_each(|(d, (x, g))| simd::gelu_bwd(x, g, d));
+    dx
 }
 
 /// `gelu(x·Wᵀ + b)` for a frozen `W` in one pass on the bf16 tiles: GELU is
@@ -491,27 +509,10 @@ impl CustomOp1 for FrozenLinearGelu {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "frozen-linear-gelu")?;
-        let (out_f, in_f) = self.weight.dims2()?;
-        let dims = l.dims();
-        if dims.last() != Some(&in_f) {
-            candle_core::bail!("frozen-linear-gelu: input has {:?} features, weight expects {in_f}", dims.last())
-        }
-        let m = x.len() / in_f.max(1);
-        let (y, pre) = with_f32(&self.weight, "frozen-linear-gelu", |w| {
-            let packed = match &self.packs {
-                Some(p) => p.forward(w, out_f, in_f),
-                None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
-            };
-            let run = |bias: Option<&[f32]>| amx::gemm_bf16_new(m, x, in_f, &packed, amx::Epilogue { bias, gelu: true, ..Default::default() }, self.keep);
-            match &self.bias {
-                Some(b) => with_f32(b, "frozen-linear-gelu", |b| run(Some(b))),
-                None => Ok(run(None)),
-            }
-        })??;
+        let shape = linear_out_shape(l, &self.weight, "frozen-linear-gelu")?;
+        let (y, pre) = linear_rows_bf16(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), true, self.keep, "frozen-linear-gelu")?;
         *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = pre;
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("rank >= 1") = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(out_dims)))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -523,10 +524,7 @@ impl CustomOp1 for FrozenLinearGelu {
         let g = grad.contiguous()?;
         let m = pre.len() / out_f.max(1);
         let dx = with_f32(&g, "frozen-linear-gelu-bwd", |g| {
-            let mut dpre = vec![0f32; pre.len()];
-            dpre.par_chunks_mut(4096)
-                .zip(pre.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(d, (x, g))| simd::gelu_bwd(x, g, d));
+            let dpre = gelu_grad(&pre, g);
             with_f32(&self.weight, "frozen-linear-gelu-bwd", |w| input_grad(m, &dpre, w, out_f, in_f, self.packs.as_deref()))
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))

@@ -568,11 +568,7 @@ multiversion! {
     /// `dst[i] = bf16(src[i])`, rounded to nearest even (see [`crate::amx::to_bf16`]).
     pub fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
         for (d, &x) in dst.iter_mut().zip(src) {
-            // Branch-free form of `amx::to_bf16`, so the loop vectorizes.
-            let b = x.to_bits();
-            let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-            let quiet = ((b >> 16) as u16) | 0x40;
-            *d = if (b & 0x7fff_ffff) > 0x7f80_0000 { quiet } else { rounded };
+            *d = crate::amx::to_bf16(x);
         }
     }
 }
