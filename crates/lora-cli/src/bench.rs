@@ -136,7 +136,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn build(args: &BenchArgs, with_adapter: bool) -> Result<(BertClassifier, lora_core::AdapterSet, BertConfig)> {
-    let dev = Device::Cpu;
+    let dev = ui::device();
     let (src, cfg): (Box<dyn lora_core::WeightSource>, BertConfig) = match &args.model {
         Some(d) => {
             let f = lora_models::HfFolder::open(d)?;
@@ -167,7 +167,7 @@ fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
     let (b, t) = (args.batch_size.unwrap_or(32), args.seq_len);
     let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab as u32)).collect();
     let labels: Vec<u32> = (0..b).map(|_| rng.random_range(0..4)).collect();
-    let dev = Device::Cpu;
+    let dev = ui::device();
     Ok((
         BertInput {
             input_ids: Tensor::from_vec(ids, (b, t), &dev)?,
@@ -178,14 +178,19 @@ fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
     ))
 }
 
+/// Wall time of each of `steps` calls after `warmup` untimed ones; on a GPU
+/// the clock stops only when the device has finished the queued work.
 fn time_it(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    let dev = ui::device();
     for _ in 0..warmup {
         f()?;
     }
+    dev.synchronize()?;
     let mut v = vec![];
     for _ in 0..steps {
         let t = Instant::now();
         f()?;
+        dev.synchronize()?;
         v.push(t.elapsed().as_secs_f64());
     }
     Ok(v)
@@ -224,6 +229,7 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
     let threads = candle_core::utils::get_num_threads();
     let mut out = serde_json::json!({
         "tool": "lora (candle)",
+        "device": lora_core::device::name(&ui::device()),
         "threads": threads,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
@@ -293,7 +299,7 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
     let lc = LoraConfig { r, alpha, dropout, ..Default::default() };
     let plan = AdapterPlan::new(lc, TargetSpec::parse(&targets)?, 0);
     let t_load = Instant::now();
-    let lm = build_causal(&path, LmAdapter::New(plan), &Device::Cpu)?;
+    let lm = build_causal(&path, LmAdapter::New(plan), &ui::device())?;
     let load_s = t_load.elapsed().as_secs_f64();
     let vocab = lm.model.config.vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -324,6 +330,7 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "tool": "lora (candle)",
         "mode": "decoder",
+        "device": lora_core::device::name(&ui::device()),
         "threads": candle_core::utils::get_num_threads(),
         "model": path.display().to_string(),
         "format": format!("{:?}", lm.format),
@@ -359,10 +366,11 @@ fn gemm(args: &BenchArgs) -> Result<serde_json::Value> {
     if args.sizes.is_empty() || args.sizes.contains(&0) {
         bail!("--sizes: give positive sizes, e.g. 1024,2048");
     }
-    let dev = Device::Cpu;
+    let dev = ui::device();
     let mut out = serde_json::json!({
         "tool": "lora (candle)",
         "mode": "gemm",
+        "device": lora_core::device::name(&dev),
         "threads": candle_core::utils::get_num_threads(),
         "sizes": args.sizes,
         "warmup": args.warmup,

@@ -3,7 +3,6 @@
 use crate::cmd_classify::{EvalArgs, TrainArgs, RUN_FILE};
 use crate::ui;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use lora_core::{AdapterPlan, LoraConfig, LoraInit, TargetSpec};
 use lora_data::{EvalRecord as LogEval, MetricsLog};
@@ -130,7 +129,7 @@ pub fn train(args: TrainArgs, stop: &AtomicBool, resuming: bool) -> Result<i32> 
     let targets = TargetSpec::parse(args.targets())?.with_layers(args.layers.clone());
     let mut plan = AdapterPlan::new(lcfg, targets, args.seed);
     plan.weight_init = weight_init.map(lora_lowrank::init::builder_hook);
-    let device = Device::Cpu;
+    let device = ui::device();
     let lm = build_causal(&model, LmAdapter::New(plan), &device)?;
     let initial = weight_init.map(|_| lm.adapters.lora_tensors_snapshot()).transpose()?;
     let (train_set, valid_set, fmt) = load_data(&lm, &args)?;
@@ -238,6 +237,8 @@ pub fn train(args: TrainArgs, stop: &AtomicBool, resuming: bool) -> Result<i32> 
         "total_params": total,
         "train_seconds": secs,
         "peak_rss_mb": ui::peak_rss_mb(),
+        "matmul_precision": lora_core::amx::matmul_precision().to_string(),
+        "device": lora_core::device::name(&ui::device()),
     });
     if args.json {
         println!("{summary}");
@@ -269,7 +270,7 @@ pub fn train(args: TrainArgs, stop: &AtomicBool, resuming: bool) -> Result<i32> 
 pub fn eval(a: EvalArgs) -> Result<i32> {
     let t0 = Instant::now();
     let io = &a.io;
-    let dev = Device::Cpu;
+    let dev = ui::device();
     let with = match &io.adapter {
         Some(d) => Some(build_causal(&io.model, LmAdapter::Saved(d), &dev)?),
         None => None,
@@ -422,7 +423,7 @@ fn open_for_generation(model: &Path, adapter: Option<&Path>, merge: bool) -> Res
         Some(d) => LmAdapter::Saved(d),
         None => LmAdapter::None,
     };
-    let lm = build_causal(model, src, &Device::Cpu)?;
+    let lm = build_causal(model, src, &ui::device())?;
     if merge {
         if adapter.is_none() {
             bail!("--merge needs --adapter");
@@ -458,9 +459,9 @@ pub fn generate_cmd(a: GenerateArgs) -> Result<i32> {
     };
     let ids = lm.tokenizer.encode(text.as_str(), false).map_err(anyhow::Error::msg)?.get_ids().to_vec();
     if let Some(p) = &a.dump_logits {
-        let x = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let x = candle_core::Tensor::new(ids.as_slice(), lm.model.device())?.unsqueeze(0)?;
         let logits = lm.model.forward(&x, None, false)?.squeeze(0)?;
-        let ids_t = candle_core::Tensor::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>().as_slice(), &Device::Cpu)?;
+        let ids_t = candle_core::Tensor::new(ids.iter().map(|&i| i as i64).collect::<Vec<_>>().as_slice(), lm.model.device())?;
         let map: std::collections::HashMap<String, candle_core::Tensor> =
             [("logits.0".to_string(), logits), ("input_ids.0".to_string(), ids_t)].into_iter().collect();
         candle_core::safetensors::save(&map, p).with_context(|| format!("{}: cannot write", p.display()))?;

@@ -2,7 +2,6 @@
 
 use crate::ui;
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Args;
 use lora_core::{AdapterPlan, LoraConfig, LoraInit, TargetSpec};
 use lora_data::{EvalRecord as LogEval, MetricsLog, TrainRecord};
@@ -325,7 +324,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
     let train_y = lora_data::label_ids(&train_ex, &labels, &train_path)?;
     let valid_y = lora_data::label_ids(&valid_ex, &labels, &valid_path)?;
 
-    let device = Device::Cpu;
+    let device = ui::device();
     let lcfg = LoraConfig { r: args.rank, alpha: args.alpha, dropout: args.dropout, use_rslora: args.rslora, init };
     let targets = TargetSpec::parse(args.targets())?.with_layers(args.layers.clone());
     let mut plan = AdapterPlan::new(lcfg, targets, args.seed);
@@ -449,6 +448,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         "train_seconds": secs,
         "peak_rss_mb": ui::peak_rss_mb(),
         "matmul_precision": lora_core::amx::matmul_precision().to_string(),
+        "device": lora_core::device::name(&ui::device()),
     });
     if args.json {
         println!("{summary}");
@@ -578,7 +578,7 @@ fn open_classifier(model: &Path, adapter_dir: Option<&Path>) -> Result<Classifie
         Some(d) => AdapterSource::Saved(d),
         None => AdapterSource::None,
     };
-    Ok(adapter::build_classifier(model, src, &Device::Cpu)?)
+    Ok(adapter::build_classifier(model, src, &ui::device())?)
 }
 
 fn columns(clf: &Classifier, text: &Option<String>, label: &Option<String>, max_len: Option<usize>) -> (String, String, usize) {
@@ -607,7 +607,7 @@ pub fn eval(a: EvalArgs) -> Result<i32> {
     let texts: Vec<String> = ex.iter().map(|e| e.text.clone()).collect();
     let set = task::encode(&clf, &texts, y, max_len)?;
     let bar = ui::bar(set.len() as u64, "examples", a.json);
-    let (report, loss, _) = task::evaluate(&clf, &set, io.batch_size.max(1), &Device::Cpu, &mut |n| bar.inc(n as u64))?;
+    let (report, loss, _) = task::evaluate(&clf, &set, io.batch_size.max(1), &ui::device(), &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     if let Some(p) = &a.plot {
         lora_data::plot_confusion(p, &report.labels, &report.confusion, "Confusion matrix")?;
@@ -644,7 +644,7 @@ pub fn predict(a: PredictArgs) -> Result<i32> {
     let texts: Vec<String> = ex.iter().map(|e| e.text.clone()).collect();
     let set = task::encode(&clf, &texts, vec![], max_len)?;
     let bar = ui::bar(set.len() as u64, "examples", a.out.is_none());
-    let logits = task::predict_logits(&clf, &set.ids, io.batch_size.max(1), &Device::Cpu, &mut |n| bar.inc(n as u64))?;
+    let logits = task::predict_logits(&clf, &set.ids, io.batch_size.max(1), &ui::device(), &mut |n| bar.inc(n as u64))?;
     bar.finish_and_clear();
     let mut buf = String::new();
     for (i, row) in logits.iter().enumerate() {

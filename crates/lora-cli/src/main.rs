@@ -41,6 +41,14 @@ struct Cli {
     /// LoRA weights, their gradients, attention and norms stay f32.
     #[arg(long, global = true, value_name = "f32|bf16")]
     matmul_precision: Option<lora_core::amx::MatmulPrecision>,
+    /// Where the model computes: cpu (default), cuda (= cuda:0), cuda:N, or auto
+    /// (the first GPU when this binary was built with CUDA and one answers, else
+    /// the CPU). Used by train, eval, predict, generate, chat and bench; the file
+    /// commands (merge, export, inspect, extract, combine, compress, analyze,
+    /// convert) always run on the CPU. CUDA needs a `--features cuda` build
+    /// (scripts/build_cuda.sh, docs/cuda.md).
+    #[arg(long, global = true, value_name = "cpu|cuda[:N]|auto", default_value = "cpu")]
+    device: lora_core::device::DeviceSpec,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -109,6 +117,32 @@ fn main() {
         }
         if p == lora_core::amx::MatmulPrecision::Bf16 {
             eprintln!("matmul precision: bf16 (frozen-weight GEMMs on AMX tiles, f32 sums; adapter, attention and norms in f32)");
+        }
+    }
+    match cli.device.open() {
+        Ok(d) => {
+            let model_cmd = matches!(
+                cli.cmd,
+                Cmd::Train(_) | Cmd::Eval(_) | Cmd::Predict(_) | Cmd::Generate(_) | Cmd::Chat(_) | Cmd::Bench(_)
+            );
+            if !d.is_cpu() {
+                if cli.matmul_precision == Some(lora_core::amx::MatmulPrecision::Bf16) {
+                    eprintln!("error: --matmul-precision bf16 is a CPU mode (AMX tiles); on {} the model computes in f32", lora_core::device::name(&d));
+                    std::process::exit(2);
+                }
+                if model_cmd {
+                    eprintln!("device: {}", lora_core::device::name(&d));
+                } else {
+                    eprintln!("note: this command runs on the CPU; --device {} is not used", cli.device);
+                }
+            }
+            if model_cmd {
+                ui::set_device(d);
+            }
+        }
+        Err(e) => {
+            eprintln!("error: --device {}: {e}", cli.device);
+            std::process::exit(2);
         }
     }
     let stop = Arc::new(AtomicBool::new(false));

@@ -47,3 +47,15 @@ pub fn peak_rss_mb() -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
 }
+
+static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+
+/// Sets the device of the global `--device` (once, from main).
+pub fn set_device(d: candle_core::Device) {
+    let _ = DEVICE.set(d);
+}
+
+/// The device the model commands compute on (the CPU unless `--device` says otherwise).
+pub fn device() -> candle_core::Device {
+    DEVICE.get().cloned().unwrap_or(candle_core::Device::Cpu)
+}

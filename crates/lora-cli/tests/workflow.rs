@@ -397,3 +397,32 @@ fn bf16_matmul_precision_trains_and_predicts() {
     assert!(worst > 0.0, "bf16 predictions are identical to f32: the tile path was not taken");
     assert!(worst < 0.05, "bf16 probabilities differ from f32 by {worst}");
 }
+
+/// `--device`: a bad name and a CUDA device in a build without CUDA are
+/// one-line usage errors (exit 2, no fall-back to the CPU); `auto` falls back
+/// to the CPU here, and the summaries say where the model computed.
+#[test]
+fn device_option_is_checked_and_recorded() {
+    let r = lora(args!["--device", "tpu", "bench", "--mode", "gemm"]);
+    assert_eq!(r.code, 2, "{}", r.describe());
+    let first = r.stderr.lines().next().unwrap_or("");
+    assert!(first.starts_with("error: ") && first.contains("tpu") && first.contains("cuda:N"), "{}", r.describe());
+    if !lora_core::device::cuda_built() {
+        let r = lora(args!["--device", "cuda:1", "bench", "--mode", "gemm", "--sizes", "8", "--steps", "1"]);
+        assert_eq!(r.code, 2, "{}", r.describe());
+        let first = r.stderr.lines().next().unwrap_or("");
+        assert!(first.contains("--device cuda:1") && first.contains("without CUDA support"), "{}", r.describe());
+        assert!(!r.stderr.contains("panicked") && r.stdout.is_empty(), "{}", r.describe());
+    }
+    let g = lora(args!["--device", "auto", "bench", "--mode", "gemm", "--sizes", "8", "--steps", "1", "--json"]).ok().json();
+    let want = if lora_core::device::cuda_built() { g["device"].as_str().unwrap_or("?").to_string() } else { "cpu".into() };
+    assert_eq!(g["device"], want.as_str(), "{g}");
+    let dir = TempDir::new("device");
+    let m = model_dir();
+    let train = dir.file("train.csv", csv(&toy_rows(&["pos", "neg"], 4)));
+    let out = dir.join("run");
+    let mut a = args!["--device", "cpu"];
+    a.extend(train_args(&m, &train, &out, &["--epochs", "1", "--json"]));
+    let summary = lora(a).ok().json();
+    assert_eq!(summary["device"], "cpu", "{summary}");
+}

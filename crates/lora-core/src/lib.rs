@@ -5,6 +5,7 @@
 pub mod amx;
 pub mod attention;
 pub mod builder;
+pub mod device;
 pub mod error;
 pub mod lora;
 pub mod lora_op;

@@ -359,9 +359,18 @@ impl WeightSource for GgufSource {
             None => None,
         })
     }
-    fn get_quantized(&self, key: &str, _device: &Device) -> lora_core::Result<Option<Arc<QTensor>>> {
+    fn get_quantized(&self, key: &str, device: &Device) -> lora_core::Result<Option<Arc<QTensor>>> {
         Ok(match self.load(key)? {
-            Some(q) if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => Some(Arc::new(q)),
+            Some(q) if !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) => {
+                if device.is_cpu() {
+                    Some(Arc::new(q))
+                } else {
+                    // The file is read (and its rows permuted) on the host; the
+                    // blocks then move to the device as they are, still quantized.
+                    let dims = q.shape().dims().to_vec();
+                    Some(Arc::new(candle_core::quantized::ggml_file::qtensor_from_ggml(q.dtype(), &q.data()?, dims, device)?))
+                }
+            }
             _ => None,
         })
     }

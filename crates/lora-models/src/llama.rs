@@ -239,6 +239,11 @@ impl Mlp {
 }
 
 impl Llama {
+    /// The device the model computes on.
+    pub fn device(&self) -> &Device {
+        self.cos.device()
+    }
+
     /// Builds the model; `vb` is at the root (paths `model.…`, `lm_head`).
     pub fn load(vb: &ModelBuilder, config: &LlamaConfig) -> Result<Self> {
         config.validate().map_err(|msg| ModelError::Config { path: "config".into(), msg })?;

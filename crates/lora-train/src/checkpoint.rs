@@ -86,7 +86,7 @@ pub fn load(dir: &Path, opt: &mut AdamW) -> Result<TrainState> {
             if t.dims() != p.var.dims() {
                 return Err(ck_err(&st, format!("tensor '{k}' has shape {:?}, the model needs {:?}", t.dims(), p.var.dims())));
             }
-            Ok(t.clone())
+            Ok(t.to_device(p.var.device())?)
         };
         p.var.set(&get(format!("param/{}", p.name))?)?;
         p.m = get(format!("adam_m/{}", p.name))?.flatten_all()?.to_vec1()?;

@@ -3,7 +3,7 @@
 
 use super::CausalLm;
 use crate::error::{Result, TaskError};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use lora_models::KvCache;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -190,7 +190,8 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], cfg: &SamplingConfig, on_text
     let mut out: Vec<u32> = vec![];
     let mut emitted = 0usize; // bytes of text already streamed
     let t0 = Instant::now();
-    let mut x = Tensor::new(prompt_ids, &Device::Cpu)?.unsqueeze(0)?;
+    let dev = lm.model.device().clone();
+    let mut x = Tensor::new(prompt_ids, &dev)?.unsqueeze(0)?;
     let mut prefill = 0.0;
     let mut reason = if max_new < cfg.max_new_tokens { StopReason::Context } else { StopReason::MaxTokens };
     let mut text = String::new();
@@ -225,7 +226,7 @@ pub fn generate(lm: &CausalLm, prompt_ids: &[u32], cfg: &SamplingConfig, on_text
                 emitted = safe;
             }
         }
-        x = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+        x = Tensor::new(&[next], &dev)?.unsqueeze(0)?;
     }
     if reason != StopReason::StopString && text.len() > emitted {
         on_text(&text[emitted..]);

@@ -109,7 +109,7 @@ impl CausalLm {
 
     /// Mean token loss of a batch and its count of target tokens.
     pub fn batch_loss(&self, batch: &[&LmExample], train: bool) -> candle_core::Result<(Tensor, usize)> {
-        let dev = Device::Cpu;
+        let dev = self.model.device().clone();
         let (ids, targets) = to_batch(batch, self.pad_id, &dev)?;
         let (b, t) = ids.dims2()?;
         let h = self.model.hidden(&ids, None, train).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
