@@ -239,7 +239,7 @@ impl CustomOp3 for Attention {
 /// Returns the context `(B, T, H)`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize, p: f32, train: bool) -> Result<Tensor> {
     let cpu = q.device().is_cpu() && q.dtype() == DType::F32;
-    if !cpu {
+    if !cpu || q.dim(1)? != k.dim(1)? {
         return attention_reference(q, k, v, mask, heads, p, train);
     }
     if !(0.0..1.0).contains(&p) {
@@ -254,18 +254,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
 
 /// The same attention from candle primitives (and the masked softmax and
 /// dropout ops): head split, batched matmuls, materialised probabilities.
+/// Queries may cover fewer positions than keys and values: q `(B, Tq, H)`,
+/// k and v `(B, T, H)`, mask `(B, T)`; the context is `(B, Tq, H)` (the fused
+/// op above routes `Tq != T` here).
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize, p: f32, train: bool) -> Result<Tensor> {
-    let (b, t, h) = q.dims3()?;
+    let (b, tq, h) = q.dims3()?;
+    let t = k.dim(1)?;
     let d = h / heads;
-    let split = |y: &Tensor| -> Result<Tensor> { y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous() };
-    let q = split(&(q * (1.0 / (d as f64).sqrt()))?)?;
-    let (k, v) = (split(k)?, split(v)?);
+    let split = |y: &Tensor, t: usize| -> Result<Tensor> { y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous() };
+    let q = split(&(q * (1.0 / (d as f64).sqrt()))?, tq)?;
+    let (k, v) = (split(k, t)?, split(v, t)?);
     let scores = q.matmul(&k.t()?)?;
     let mut probs = masked_softmax(&scores, mask)?;
     if train && p > 0.0 {
         probs = dropout(&probs, p)?;
     }
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, h))
 }
 
 #[cfg(test)]

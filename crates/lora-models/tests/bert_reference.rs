@@ -108,3 +108,63 @@ fn minilm_matches_transformers() {
     let pooled = lora_models::bert::mean_pool(&h, &inp.attention_mask).unwrap();
     assert!(max_abs(&pooled, &e["mean_pooled"]) < 1e-4);
 }
+
+/// The pooler head runs the last layer for [CLS] alone (`forward_cls`). It
+/// must give the logits of the full last layer (which the test above checks
+/// against transformers) and the same gradient for every trainable tensor,
+/// with LoRA on every linear of every layer (so on the pruned query, output
+/// and feed-forward rows of the last layer too), dropout off so both paths
+/// see the same function. Tolerance: 1e-5 relative to each tensor's max.
+#[test]
+fn cls_only_last_layer_equals_the_full_layer_in_values_and_gradients() {
+    use lora_core::{AdapterPlan, LoraConfig, TargetSpec};
+    let dir = fixtures().join("tiny-bert");
+    let folder = HfFolder::open(&dir.join("model")).unwrap();
+    let mut cfg = BertConfig::from_file(&folder.config).unwrap();
+    cfg.hidden_dropout_prob = 0.0;
+    cfg.attention_probs_dropout_prob = 0.0;
+    let plan = AdapterPlan::new(
+        LoraConfig { r: 4, alpha: 8.0, dropout: 0.0, ..Default::default() },
+        TargetSpec::parse("all-linear").unwrap(),
+        0,
+    );
+    let vb = ModelBuilder::new(Box::new(folder.weight_source().unwrap()), Device::Cpu)
+        .with_optional_prefixes(&["bert."])
+        .with_modules_to_save(&["classifier".to_string()])
+        .with_adapter(Some(plan));
+    let model = BertClassifier::load(&vb, &cfg, 3, Head::Pooler).unwrap();
+    let set = vb.finish().unwrap();
+    let vars = set.trainable();
+    assert!(vars.iter().any(|v| v.name.contains(&format!("layer.{}.output.dense.lora_B", cfg.num_hidden_layers - 1))));
+    // B starts at zero: give every adapter tensor random values so every
+    // gradient is non-zero.
+    for v in &vars {
+        v.var.set(&Tensor::randn(0f32, 0.3, v.var.shape(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let e = load_expected(dir.join("expected.safetensors"));
+    let inp = input(&e);
+    let labels = Tensor::new(&[0u32, 1, 2, 1], &Device::Cpu).unwrap();
+    let b = inp.input_ids.dim(0).unwrap();
+    let labels = labels.narrow(0, 0, b).unwrap();
+    let run = |cls_only: bool| {
+        let logits = model.forward_with(&inp, true, cls_only).unwrap();
+        let g = candle_nn::loss::cross_entropy(&logits, &labels).unwrap().backward().unwrap();
+        let grads: Vec<Tensor> = vars.iter().map(|v| g.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {}", v.name)).clone()).collect();
+        (logits, grads)
+    };
+    let (l1, g1) = run(true);
+    let (l0, g0) = run(false);
+    let d = max_abs(&l1, &l0);
+    assert!(d < 1e-5, "logits differ by {d}");
+    for ((v, a), b) in vars.iter().zip(&g1).zip(&g0) {
+        let scale: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(scale > 0.0, "zero gradient for {}", v.name);
+        let d = max_abs(a, b);
+        assert!(d <= 1e-5 * scale.max(1e-3), "{}: gradients differ by {d} (max {scale})", v.name);
+    }
+    // Inference through the public entry point takes the pruned path and
+    // agrees with the full hidden state's [CLS] row.
+    let full = model.bert.forward(&inp, false).unwrap().narrow(1, 0, 1).unwrap();
+    let cls = model.bert.forward_cls(&inp, false).unwrap();
+    assert!(max_abs(&full, &cls) < 1e-5);
+}
