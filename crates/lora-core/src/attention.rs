@@ -17,7 +17,7 @@
 //! from the same seed sequence, so the fused op and the reference path
 //! ([`attention_reference`]) draw identical masks.
 
-use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32};
+use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32, zeros_par};
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -133,10 +133,10 @@ impl CustomOp3 for Attention {
         let q = crate::ops::f32_slice(qs, ql, "attention")?;
         let k = crate::ops::f32_slice(ks, kl, "attention")?;
         let v = crate::ops::f32_slice(vs, vl, "attention")?;
-        let mut out = vec![0f32; q.len()];
+        let mut out = zeros_par(q.len());
         let dst = SendPtr(out.as_mut_ptr());
         let tt = z.t * z.t;
-        let mut saved = if self.keep { vec![0f32; z.b * self.heads * tt] } else { vec![] };
+        let mut saved = if self.keep { zeros_par(z.b * self.heads * tt) } else { vec![] };
         let sp = SendPtr(saved.as_mut_ptr());
         with_f32(&self.bias, "attention", |mask| {
             (0..z.b * self.heads).into_par_iter().for_each_init(
@@ -174,7 +174,7 @@ impl CustomOp3 for Attention {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let z = self.dims(q.layout())?;
         let n = q.elem_count();
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (mut dq, mut dk, mut dv) = (zeros_par(n), zeros_par(n), zeros_par(n));
         let (pdq, pdk, pdv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
         let tt = z.t * z.t;
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows, next_dropout_seed, sgemm, sgemm_new, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows, next_dropout_seed, sgemm, sgemm_new, with_f32, zeros_par};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -66,7 +66,7 @@ impl LoraLinear {
     /// `dropout(x)`, or `None` without dropout (the input itself serves).
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
         self.dropout.as_ref().map(|dm| {
-            let mut xd = vec![0f32; x.len()];
+            let mut xd = zeros_par(x.len());
             dm.apply_par(x, &mut xd, false);
             xd
         })

@@ -7,7 +7,7 @@
 //! (the unfused ops) gives the same values; the tests check both gradients
 //! against it.
 
-use crate::ops::{dropout, f32_slice, layer_norm, next_dropout_seed, rows_per_task, with_f32};
+use crate::ops::{copy_par, dropout, f32_slice, layer_norm, next_dropout_seed, rows_per_task, with_f32, zeros_par};
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -25,7 +25,7 @@ struct AddDropoutNorm {
 impl AddDropoutNorm {
     /// `z = dropout(y) + residual`, in parallel chunks of whole rows.
     fn sum(&self, y: &[f32], r: &[f32]) -> Vec<f32> {
-        let mut z = r.to_vec();
+        let mut z = copy_par(r);
         match &self.mask {
             Some(m) => m.apply_par(y, &mut z, true),
             None => z.par_chunks_mut(16384).zip(y.par_chunks(16384)).for_each(|(z, y)| {
@@ -51,7 +51,7 @@ impl CustomOp2 for AddDropoutNorm {
         let r = f32_slice(rs, rl, "add-dropout-layer-norm")?;
         let h = yl.dims().last().copied().unwrap_or(1);
         let z = self.sum(y, r);
-        let mut dst = vec![0f32; z.len()];
+        let mut dst = zeros_par(z.len());
         with_f32(&self.gamma, "add-dropout-layer-norm", |g| {
             with_f32(&self.beta, "add-dropout-layer-norm", |b| {
                 let chunk = h * rows_per_task(h);
@@ -74,7 +74,7 @@ impl CustomOp2 for AddDropoutNorm {
                 with_f32(&y, "add-dropout-layer-norm-bwd", |yv| with_f32(&r, "add-dropout-layer-norm-bwd", |rv| self.sum(yv, rv)))??
             }
         };
-        let mut dz = vec![0f32; z.len()];
+        let mut dz = zeros_par(z.len());
         with_f32(&g, "add-dropout-layer-norm-bwd", |gv| {
             with_f32(&self.gamma, "add-dropout-layer-norm-bwd", |gamma| {
                 let chunk = h * rows_per_task(h);
@@ -87,11 +87,11 @@ impl CustomOp2 for AddDropoutNorm {
         let dy = if y.track_op() {
             Some(match &self.mask {
                 Some(m) => {
-                    let mut dy = vec![0f32; dz.len()];
+                    let mut dy = zeros_par(dz.len());
                     m.apply_par(&dz, &mut dy, false);
                     Tensor::from_vec(dy, y.shape(), y.device())?
                 }
-                None => Tensor::from_vec(dz.clone(), y.shape(), y.device())?,
+                None => Tensor::from_vec(copy_par(&dz), y.shape(), y.device())?,
             })
         } else {
             None
