@@ -58,10 +58,8 @@ impl DeviceSpec {
             Self::Cuda(_) if !cuda_built() => {
                 Err("this binary was built without CUDA support (build it with scripts/build_cuda.sh, see docs/cuda.md)".into())
             }
-            Self::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                let msg = e.to_string();
-                format!("CUDA device {n} cannot be opened: {}", msg.lines().next().unwrap_or("unknown error"))
-            }),
+            Self::Cuda(n) => Device::new_cuda(n)
+                .map_err(|e| format!("CUDA device {n} cannot be opened: {}", crate::weights::first_line(&e.to_string()))),
         }
     }
 }

@@ -14,60 +14,60 @@ use candle_core::{
 use crate::amx::{self, PackedBf16, Packs};
 use crate::simd::{self, Mask};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 /// Elements per task of the parallel fills and copies below.
 const FILL_CHUNK: usize = 1 << 14;
+
+/// A new buffer of `n` f32, written chunk by chunk (`chunk` elements, the
+/// last one shorter) by `fill(start, chunk)` on the worker threads; small
+/// buffers in one call on this thread. `fill` must write every element of
+/// the chunk it is given.
+fn par_filled(n: usize, chunk: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    let spare = &mut v.spare_capacity_mut()[..n];
+    if n < 2 * FILL_CHUNK {
+        fill(0, spare);
+    } else {
+        spare.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| fill(i * chunk, c));
+    }
+    // SAFETY: `fill` wrote each of the n elements (its contract above).
+    unsafe { v.set_len(n) };
+    v
+}
 
 /// `vec![0f32; n]`, zero-filled by the worker threads. A serial fill of an
 /// activation-sized buffer leaves the other cores idle: on short sequences
 /// the serial fills and copies in front of the ops were ~8% of a training
 /// step's wall time on 2 cores.
 pub(crate) fn zeros_par(n: usize) -> Vec<f32> {
-    if n < 2 * FILL_CHUNK {
-        return vec![0f32; n];
-    }
-    let mut v = Vec::with_capacity(n);
-    v.spare_capacity_mut().par_chunks_mut(FILL_CHUNK).for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
-    // SAFETY: every one of the n elements was written above.
-    unsafe { v.set_len(n) };
-    v
+    par_filled(n, FILL_CHUNK, |_, c| c.fill(MaybeUninit::new(0.0)))
 }
 
 /// `src.to_vec()`, copied by the worker threads.
 pub(crate) fn copy_par(src: &[f32]) -> Vec<f32> {
-    if src.len() < 2 * FILL_CHUNK {
-        return src.to_vec();
-    }
-    let mut v = Vec::with_capacity(src.len());
-    v.spare_capacity_mut().par_chunks_mut(FILL_CHUNK).zip(src.par_chunks(FILL_CHUNK)).for_each(|(d, s)| {
-        for (d, s) in d.iter_mut().zip(s) {
+    par_filled(src.len(), FILL_CHUNK, |start, c| {
+        for (d, s) in c.iter_mut().zip(&src[start..]) {
             d.write(*s);
         }
-    });
-    // SAFETY: every element was written above (the chunks of d and src pair up, equal lengths).
-    unsafe { v.set_len(src.len()) };
-    v
+    })
 }
 
-/// `row.repeat(m)` (a bias broadcast over m rows), written by the worker threads.
+/// `row.repeat(m)` (a bias broadcast over m rows), written by the worker
+/// threads in chunks of whole rows.
 pub(crate) fn repeat_par(row: &[f32], m: usize) -> Vec<f32> {
     let n = row.len();
-    if n == 0 || m * n < 2 * FILL_CHUNK {
-        return row.repeat(m);
+    if n == 0 {
+        return vec![];
     }
-    let rows = (FILL_CHUNK / n).max(1);
-    let mut v = Vec::with_capacity(m * n);
-    v.spare_capacity_mut().par_chunks_mut(rows * n).for_each(|c| {
+    par_filled(m * n, (FILL_CHUNK / n).max(1) * n, |_, c| {
         for d in c.chunks_mut(n) {
             for (d, s) in d.iter_mut().zip(row) {
                 d.write(*s);
             }
         }
-    });
-    // SAFETY: m·n elements, each chunk a whole number of rows, each row written.
-    unsafe { v.set_len(m * n) };
-    v
+    })
 }
 
 /// Rows of width `h` per parallel task: about 16K elements, so that small

@@ -254,28 +254,21 @@ impl SelfAttention {
         })
     }
 
-    /// x: (B, T, H); mask_bias: (B, T) additive.
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let q = self.query.forward(x, train)?;
+    /// x: (B, T, H); mask_bias: (B, T) additive. Returns (B, T, H), or with
+    /// `first_only` the output at the first position alone, (B, 1, H): keys and
+    /// values from every position, the query, attention row, output projection
+    /// and norm for position 0 only (what a [CLS] head reads from the last layer).
+    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool, first_only: bool) -> candle_core::Result<Tensor> {
+        let xq = if first_only { x.narrow(1, 0, 1)?.contiguous()? } else { x.clone() };
+        let q = self.query.forward(&xq, train)?;
         let k = self.key.forward(x, train)?;
         let v = self.value.forward(x, train)?;
-        // Fused: (B, T, H) in and out, no head-split copies (lora_core::attention).
+        // Fused: (B, T, H) in and out, no head-split copies (lora_core::attention;
+        // fewer query than key positions go to its reference path).
         // LORA_REFERENCE_ATTENTION=1 selects the unfused path (benchmark A/B).
         let attn = if reference_attention() { lora_core::attention::attention_reference } else { lora_core::attention::attention };
         let ctx = attn(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
-        self.norm.add_dropout_forward(&self.out.forward(&ctx, train)?, x, self.hidden_dropout, train)
-    }
-
-    /// The output at the first position alone, (B, 1, H): keys and values
-    /// from every position, the query, attention row, output projection and
-    /// norm for position 0 only (what a [CLS] head reads from the last layer).
-    fn forward_first(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let x0 = x.narrow(1, 0, 1)?.contiguous()?;
-        let q = self.query.forward(&x0, train)?;
-        let k = self.key.forward(x, train)?;
-        let v = self.value.forward(x, train)?;
-        let ctx = lora_core::attention::attention_reference(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
-        self.norm.add_dropout_forward(&self.out.forward(&ctx, train)?, &x0, self.hidden_dropout, train)
+        self.norm.add_dropout_forward(&self.out.forward(&ctx, train)?, &xq, self.hidden_dropout, train)
     }
 }
 
@@ -306,11 +299,7 @@ impl Layer {
 
     /// (B, T, H) -> (B, T, H), or (B, 1, H) for the first position alone.
     fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool, first_only: bool) -> candle_core::Result<Tensor> {
-        let a = if first_only {
-            self.attention.forward_first(x, mask_bias, train)? // (B, 1, H)
-        } else {
-            self.attention.forward(x, mask_bias, train)? // (B, T, H)
-        };
+        let a = self.attention.forward(x, mask_bias, train, first_only)?; // (B, T or 1, H)
         let i = match self.act {
             // One pass on the bf16 tiles at bf16 matmul precision.
             Activation::GeluErf => self.intermediate.forward_gelu(&a, train)?,
@@ -455,8 +444,7 @@ impl BertClassifier {
     /// [CLS] alone (`cls_only`) or for every position (as transformers does).
     pub fn forward_with(&self, input: &BertInput, train: bool, cls_only: bool) -> candle_core::Result<Tensor> {
         let pooled = match self.head {
-            Head::Pooler if cls_only => self.bert.pool(&self.bert.forward_cls(input, train)?, train)?,
-            Head::Pooler => self.bert.pool(&self.bert.forward(input, train)?, train)?,
+            Head::Pooler => self.bert.pool(&self.bert.encode(input, train, cls_only)?, train)?,
             Head::Mean => {
                 let h = self.bert.forward(input, train)?;
                 let m = input.attention_mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (B, T, 1)
