@@ -228,6 +228,8 @@ pub struct Packs {
     fwd: OnceLock<Arc<PackedBf16>>,
     /// `W` (out×in): the input gradient `g·W`.
     bwd: OnceLock<Arc<PackedBf16>>,
+    /// `Wᵀ` (in×out) row-major in f32: the forward `x·Wᵀ` at f32 precision.
+    f32t: OnceLock<Arc<Vec<f32>>>,
 }
 
 impl Packs {
@@ -245,8 +247,23 @@ impl Packs {
         self.bwd.get_or_init(|| Arc::new(PackedBf16::pack(w, out_f, in_f, in_f, 1))).clone()
     }
 
+    /// `Wᵀ` (in×out, row-major f32) for `w` (out×in) row-major: the f32
+    /// forward's right operand laid out so that the gemm crate reads it in
+    /// place. With `W` itself (a transposed view) the crate packs the whole
+    /// weight on the calling thread before every product while the other
+    /// workers wait; with `Wᵀ` each worker packs its own blocks.
+    pub fn forward_f32(&self, w: &[f32], out_f: usize, in_f: usize) -> Arc<Vec<f32>> {
+        self.f32t.get_or_init(|| Arc::new(crate::ops::transpose_par(w, out_f, in_f))).clone()
+    }
+
+    /// Bytes held by the bf16 tile packs.
     pub fn bytes(&self) -> usize {
         self.fwd.get().map_or(0, |p| p.bytes()) + self.bwd.get().map_or(0, |p| p.bytes())
+    }
+
+    /// Bytes held by the f32 transposed copy.
+    pub fn f32_bytes(&self) -> usize {
+        self.f32t.get().map_or(0, |t| t.len() * 4)
     }
 }
 

@@ -512,6 +512,44 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
+    /// At f32 the forward reads the layer's transposed weight copy: values
+    /// equal the plain matmul (1e-5 of the largest entry), the copy is made
+    /// once, merge drops it with the old weight, and the merged layer uses a
+    /// fresh copy of the new one.
+    #[test]
+    fn f32_forward_on_the_transposed_copy_matches_matmul() {
+        let (m, out_f, in_f, r) = (70, 96, 80, 4);
+        let w = rand(&[out_f, in_f]);
+        let bias = rand(&[out_f]);
+        let lora = LoraWeights {
+            a: Var::from_tensor(&rand(&[r, in_f])).unwrap(),
+            b: Var::from_tensor(&rand(&[out_f, r])).unwrap(),
+            scaling: 2.0,
+            dropout: 0.0,
+        };
+        let l = Linear::with_lora("m", w.clone(), Some(bias.clone()), lora.clone()).unwrap();
+        let x = rand(&[2, m / 2, in_f]);
+        let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor()).unwrap() * 2.0).unwrap();
+        let want = |w: &Tensor| x.broadcast_matmul(&w.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+        let scale = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let y = l.forward(&x, false).unwrap();
+        let full = (&w + &delta).unwrap();
+        assert!(max_abs(&y, &want(&full)) < 1e-5 * scale(&y), "unmerged layer vs x·(W+ΔW)ᵀ+b");
+        assert_eq!(l.read().packs.f32_bytes(), out_f * in_f * 4, "one transposed copy of W");
+        l.forward(&x, false).unwrap();
+        assert_eq!(l.read().packs.f32_bytes(), out_f * in_f * 4, "made once");
+        l.merge().unwrap();
+        assert_eq!(l.read().packs.f32_bytes(), 0, "merge drops the copy of the old weight");
+        let ym = l.forward(&x, false).unwrap();
+        assert!(max_abs(&ym, &want(&full)) < 1e-5 * scale(&ym), "merged layer reads a copy of the merged weight");
+        // A frozen layer without adapter (FrozenLinear) takes the same path.
+        let f = Linear::frozen("f", w.clone(), None);
+        let yf = f.forward(&x, false).unwrap();
+        let wantf = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        assert!(max_abs(&yf, &wantf) < 1e-5 * scale(&yf));
+        assert_eq!(f.read().packs.f32_bytes(), out_f * in_f * 4);
+    }
+
     /// The layer at bf16 matmul precision against itself at f32: values and
     /// every gradient within the bf16 bound, packs made once and dropped on
     /// merge, frozen weight untouched.

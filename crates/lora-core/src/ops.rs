@@ -258,15 +258,55 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, pac
     if amx::use_bf16(m) {
         return Ok(linear_rows_bf16(x, weight, bias, packs, false, false, op)?.0);
     }
-    // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i].
-    match bias {
-        Some(b) => {
-            let mut dst = with_f32(b, op, |b| repeat_par(b, m))?;
-            with_f32(weight, op, |w| sgemm(m, out_f, in_f, &mut dst, true, x, in_f, 1, w, 1, in_f))?;
-            Ok(dst)
+    with_f32(weight, op, |w| {
+        // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i], or at wt[i*out + o]
+        // in the layer's transposed copy.
+        let wt = packs.filter(|_| f32_transposed_weights()).map(|p| p.forward_f32(w, out_f, in_f));
+        let (rhs, rs, cs) = match &wt {
+            Some(t) => (t.as_slice(), out_f, 1),
+            None => (w, 1, in_f),
+        };
+        match bias {
+            Some(b) => {
+                let mut dst = with_f32(b, op, |b| repeat_par(b, m))?;
+                sgemm(m, out_f, in_f, &mut dst, true, x, in_f, 1, rhs, rs, cs);
+                Ok(dst)
+            }
+            None => Ok(sgemm_new(m, out_f, in_f, x, in_f, 1, rhs, rs, cs, 1.0)),
         }
-        None => with_f32(weight, op, |w| sgemm_new(m, out_f, in_f, x, in_f, 1, w, 1, in_f, 1.0)),
+    })?
+}
+
+/// Whether f32 forwards use the layer's transposed weight copy
+/// (`LORA_F32_WT=0` turns it off, for A/B runs).
+fn f32_transposed_weights() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORA_F32_WT").map_or(true, |v| v != "0"))
+}
+
+/// `wᵀ` (cols×rows, row-major) of a row-major rows×cols `w`, in parallel
+/// 32×32 blocks.
+pub(crate) fn transpose_par(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert!(w.len() >= rows * cols, "transpose: input too short");
+    const B: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
     }
+    // Each task owns B rows of the output (B columns of w).
+    out.par_chunks_mut(B * rows).enumerate().for_each(|(cb, dst)| {
+        let c0 = cb * B;
+        let nc = dst.len() / rows;
+        for r0 in (0..rows).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                let src = &w[r * cols + c0..r * cols + c0 + nc];
+                for (c, v) in src.iter().enumerate() {
+                    dst[c * rows + r] = *v;
+                }
+            }
+        }
+    });
+    out
 }
 
 /// `x·Wᵀ + b` on the bf16 tiles over the layer's packed weight (`packs`, or a
@@ -728,6 +768,20 @@ pub(crate) mod tests {
         let gr = (yr * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let (gf, gr) = (gf.get(&x).unwrap(), gr.get(&x).unwrap());
         assert!(max_abs(gf, gr) < tol, "grad differs: {}", max_abs(gf, gr));
+    }
+
+    #[test]
+    fn transpose_par_is_the_transpose_on_ragged_shapes() {
+        for &(rows, cols) in &[(1usize, 5usize), (33, 70), (64, 32), (70, 1), (384, 1536)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose_par(&w, rows, cols);
+            assert_eq!(t.len(), rows * cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], w[r * cols + c], "{rows}x{cols} at ({r}, {c})");
+                }
+            }
+        }
     }
 
     #[test]
