@@ -17,7 +17,7 @@
 //! from the same seed sequence, so the fused op and the reference path
 //! ([`attention_reference`]) draw identical masks.
 
-use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32, zeros_par};
+use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32};
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -133,10 +133,14 @@ impl CustomOp3 for Attention {
         let q = crate::ops::f32_slice(qs, ql, "attention")?;
         let k = crate::ops::f32_slice(ks, kl, "attention")?;
         let v = crate::ops::f32_slice(vs, vl, "attention")?;
-        let mut out = zeros_par(q.len());
+        // Every element of `out` is written by exactly one (batch, head)
+        // block's product (which does not read its destination), and each
+        // block of `saved` is zeroed by its task before use: neither buffer
+        // needs a zero-fill pass of its own.
+        let mut out: Vec<f32> = Vec::with_capacity(q.len());
         let dst = SendPtr(out.as_mut_ptr());
         let tt = z.t * z.t;
-        let mut saved = if self.keep { zeros_par(z.b * self.heads * tt) } else { vec![] };
+        let mut saved: Vec<f32> = Vec::with_capacity(if self.keep { z.b * self.heads * tt } else { 0 });
         let sp = SendPtr(saved.as_mut_ptr());
         with_f32(&self.bias, "attention", |mask| {
             (0..z.b * self.heads).into_par_iter().for_each_init(
@@ -149,7 +153,12 @@ impl CustomOp3 for Attention {
                     // only rows b·T.. and columns hd·d.. of `out`, and its own
                     // T×T block of `saved`.
                     unsafe {
-                        let p: &mut [f32] = if self.keep { std::slice::from_raw_parts_mut(sp.0.add(bh * tt), tt) } else { scratch };
+                        let p: &mut [f32] = if self.keep {
+                            std::ptr::write_bytes(sp.0.add(bh * tt), 0, tt);
+                            std::slice::from_raw_parts_mut(sp.0.add(bh * tt), tt)
+                        } else {
+                            scratch
+                        };
                         self.probs(&z, bh, q.as_ptr(), k.as_ptr(), mask, p);
                         let pp: &[f32] = match &self.dropout {
                             Some(dr) => {
@@ -163,6 +172,14 @@ impl CustomOp3 for Attention {
                 },
             )
         })?;
+        // SAFETY: the B·heads blocks above wrote all of `out` (heads·d = H
+        // columns of every row) and zeroed then filled all of `saved`.
+        unsafe {
+            out.set_len(q.len());
+            if self.keep {
+                saved.set_len(z.b * self.heads * tt);
+            }
+        }
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
         }
@@ -174,7 +191,8 @@ impl CustomOp3 for Attention {
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let z = self.dims(q.layout())?;
         let n = q.elem_count();
-        let (mut dq, mut dk, mut dv) = (zeros_par(n), zeros_par(n), zeros_par(n));
+        // Written block by block without being read (see the forward).
+        let (mut dq, mut dk, mut dv): (Vec<f32>, Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         let (pdq, pdk, pdv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
         let tt = z.t * z.t;
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -228,6 +246,14 @@ impl CustomOp3 for Attention {
                 })
             })
         })?????;
+        // SAFETY: each (batch, head) block wrote its rows and columns of dq,
+        // dk and dv (products that do not read their destination); together
+        // they cover all n elements.
+        unsafe {
+            dq.set_len(n);
+            dk.set_len(n);
+            dv.set_len(n);
+        }
         let mk = |x: Vec<f32>| Tensor::from_vec(x, q.shape(), q.device());
         Ok((Some(mk(dq)?), Some(mk(dk)?), Some(mk(dv)?)))
     }

@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows, next_dropout_seed, sgemm, sgemm_new, with_f32, zeros_par};
+use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows, masked_new, next_dropout_seed, sgemm, sgemm_new, with_f32};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -65,11 +65,7 @@ impl LoraLinear {
 
     /// `dropout(x)`, or `None` without dropout (the input itself serves).
     fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
-        self.dropout.as_ref().map(|dm| {
-            let mut xd = zeros_par(x.len());
-            dm.apply_par(x, &mut xd, false);
-            xd
-        })
+        self.dropout.as_ref().map(|dm| masked_new(dm, x))
     }
 
     /// `s·xd·Aᵀ` (M×r) for the dropped input `xd`.
