@@ -156,7 +156,13 @@ def mode_infer(args):
                 + " ".join(f"{k} {v:.3f}s" for k, v in rnd.items()))
     b = args.batch
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"infer_samples_per_s_unmerged": b / med["unmerged"],
+
+    def paired(a, c):
+        # median over rounds of the time ratio within each round
+        return statistics.median(x / y for x, y in zip(times[a], times[c]))
+    return {"infer_unmerged_over_merged_time": paired("unmerged", "merged"),
+            "infer_merged_over_base_time": paired("merged", "base"),
+            "infer_samples_per_s_unmerged": b / med["unmerged"],
             "infer_samples_per_s_merged": b / med["merged"],
             "infer_samples_per_s_base": b / med["base"],
             **{f"infer_cpu_s_median_{k}": statistics.median(v) for k, v in cpu.items()},

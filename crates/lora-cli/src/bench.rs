@@ -256,22 +256,47 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         out["peak_rss_mb_train"] = serde_json::json!(ui::peak_rss_mb());
     }
     if args.mode == "infer" || args.mode == "all" {
-        let (model, set, cfg) = build(&args, true)?;
-        let (input, _) = batch(&args, cfg.vocab_size)?;
-        let infer = |m: &BertClassifier| -> Result<f64> {
-            let _no_grad = lora_core::no_grad();
-            let t = time_it(args.warmup, args.steps, || {
-                m.forward(&input, false)?.to_vec2::<f32>()?;
-                Ok(())
-            })?;
-            Ok(bs / median(t))
-        };
-        out["infer_samples_per_s_unmerged"] = serde_json::json!(infer(&model)?);
-        set.merge_all()?;
-        out["infer_samples_per_s_merged"] = serde_json::json!(infer(&model)?);
-        drop((model, set));
+        // The three variants alive at once and timed round-robin (the
+        // starting variant rotating), as the PyTorch reference does: drift in
+        // the machine's speed then hits all three alike, which sequential
+        // blocks of passes did not (their ratios swung by ±10% run to run).
+        let (unmerged, _, cfg) = build(&args, true)?;
+        let (merged, mset, _) = build(&args, true)?;
+        mset.merge_all()?;
         let (base, _, _) = build(&args, false)?;
-        out["infer_samples_per_s_base"] = serde_json::json!(infer(&base)?);
+        let (input, _) = batch(&args, cfg.vocab_size)?;
+        let _no_grad = lora_core::no_grad();
+        let models = [&unmerged, &merged, &base];
+        let pass = |m: &BertClassifier| -> Result<()> {
+            m.forward(&input, false)?.to_vec2::<f32>()?;
+            Ok(())
+        };
+        let dev = ui::device();
+        for _ in 0..args.warmup {
+            for m in models {
+                pass(m)?;
+            }
+        }
+        dev.synchronize()?;
+        let mut times: [Vec<f64>; 3] = Default::default();
+        for step in 0..args.steps {
+            for k in 0..3 {
+                let i = (step + k) % 3;
+                let t = Instant::now();
+                pass(models[i])?;
+                dev.synchronize()?;
+                times[i].push(t.elapsed().as_secs_f64());
+            }
+        }
+        // Per-round time ratios: the cost of the unmerged adapter and of
+        // merging, each measured within one round.
+        let ratio = |a: usize, b: usize| median(times[a].iter().zip(&times[b]).map(|(x, y)| x / y).collect());
+        out["infer_unmerged_over_merged_time"] = serde_json::json!(ratio(0, 1));
+        out["infer_merged_over_base_time"] = serde_json::json!(ratio(1, 2));
+        let [tu, tm, tb] = times;
+        out["infer_samples_per_s_unmerged"] = serde_json::json!(bs / median(tu));
+        out["infer_samples_per_s_merged"] = serde_json::json!(bs / median(tm));
+        out["infer_samples_per_s_base"] = serde_json::json!(bs / median(tb));
         out["peak_rss_mb_infer"] = serde_json::json!(ui::peak_rss_mb());
     }
     Ok(out)

@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows, masked_new, next_dropout_seed, sgemm, sgemm_new, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows_acc, lora_down, masked_new, next_dropout_seed, rank_update_new, sgemm, sgemm_new, with_f32};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -70,7 +70,7 @@ impl LoraLinear {
 
     /// `s·xd·Aᵀ` (M×r) for the dropped input `xd`.
     fn branch_in(&self, z: &Dims, xd: &[f32], a: &[f32]) -> Vec<f32> {
-        sgemm_new(z.m, z.r, z.in_f, xd, z.in_f, 1, a, 1, z.in_f, self.scaling)
+        lora_down(z.m, z.in_f, z.r, xd, a, self.scaling)
     }
 }
 
@@ -84,10 +84,14 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(xs, xl, "lora-linear")?;
         let a = f32_slice(as_, al, "lora-linear")?;
         let b = f32_slice(bs, bl, "lora-linear")?;
-        let mut dst = linear_rows(x, &self.dense_weight()?, self.bias.as_ref(), self.packs.as_deref(), "lora-linear")?;
         let h = self.branch_in(&z, self.dropped(x).as_deref().unwrap_or(x), a);
-        // dst += h·Bᵀ: rhs (r×out) element (j, o) at b[o*r + j].
-        sgemm(z.m, z.out_f, z.r, &mut dst, true, &h, z.r, 1, b, 1, z.r);
+        // dst = b + h·Bᵀ, then dst += x·Wᵀ: the branch's output is written
+        // where the bias broadcast would be, so it adds no pass over dst.
+        let mut dst = match &self.bias {
+            Some(bias) => with_f32(bias, "lora-linear", |bv| rank_update_new(z.m, z.out_f, z.r, &h, b, Some(bv)))?,
+            None => rank_update_new(z.m, z.out_f, z.r, &h, b, None),
+        };
+        linear_rows_acc(x, &self.dense_weight()?, self.packs.as_deref(), &mut dst, "lora-linear")?;
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
         }
@@ -247,7 +251,14 @@ mod tests {
     #[test]
     fn fused_matches_reference_values_and_gradients() {
         let _lock = DROPOUT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let (bt, t, inf, outf, r) = (3, 7, 24, 20, 4);
+        // One parallel chunk, then several with a short last one (the bias +
+        // rank-update pass works in tasks of 16384/out rows; 3·150 = 450 rows
+        // of 100 outputs are 3 tasks of 163 rows).
+        check_at(3, 7, 24, 20, 4);
+        check_at(3, 150, 40, 100, 8);
+    }
+
+    fn check_at(bt: usize, t: usize, inf: usize, outf: usize, r: usize) {
         let x = Var::from_tensor(&randn(&[bt, t, inf], 1)).unwrap();
         let w = FrozenWeight::Dense(randn(&[outf, inf], 2));
         let bias = randn(&[outf], 3);
@@ -257,10 +268,13 @@ mod tests {
             let bias = with_bias.then_some(&bias);
             let (y1, g1) = run(lora_linear, &x, &w, bias, &a, &b, p, 11);
             let (y2, g2) = run(lora_linear_reference, &x, &w, bias, &a, &b, p, 11);
-            assert!(max_abs(&y1, &y2) < 1e-4, "p={p}: values differ by {}", max_abs(&y1, &y2));
+            // 1e-4 of the largest entry (at least 1e-4): sums over up to 450
+            // rows reach ~10² here, where f32 reordering alone moves ~1e-5·|sum|.
+            let tol = |t: &Tensor| 1e-4 * t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1.0);
+            assert!(max_abs(&y1, &y2) < tol(&y2), "p={p}: values differ by {}", max_abs(&y1, &y2));
             for (name, (u, v)) in ["dx", "dA", "dB"].iter().zip(g1.iter().zip(g2.iter())) {
                 let d = max_abs(u, v);
-                assert!(d < 1e-4, "p={p} bias={with_bias}: {name} differs by {d}");
+                assert!(d < tol(v), "p={p} bias={with_bias}: {name} differs by {d} (largest entry {})", tol(v) * 1e4);
                 let n: f32 = u.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
                 assert!(n > 0.0, "{name} is zero");
             }

@@ -359,6 +359,56 @@ multiversion! {
 }
 
 multiversion! {
+    /// `h_i = x_i·At` for each row of `x` (rows of width `in_f`) into `h` (rows
+    /// of width `r` ≤ 16), with `At` (in_f×16) row-major, zero past `r`: eight
+    /// rows at a time, one 16-lane accumulator each, `At`'s row shared.
+    pub(crate) fn lora_down_rows(x: &[f32], in_f: usize, at: &[f32], r: usize, h: &mut [f32]) {
+        let m = h.len() / r.max(1);
+        let mut i = 0;
+        while i < m {
+            let nb = (m - i).min(8);
+            let rows: [&[f32]; 8] = std::array::from_fn(|ii| {
+                let row = i + ii.min(nb - 1);
+                &x[row * in_f..(row + 1) * in_f]
+            });
+            let mut acc = [[0f32; 16]; 8];
+            for (k, av) in at.chunks_exact(16).take(in_f).enumerate() {
+                for ii in 0..8 {
+                    let xv = rows[ii][k];
+                    for l in 0..16 {
+                        acc[ii][l] += xv * av[l];
+                    }
+                }
+            }
+            for (ii, a) in acc.iter().enumerate().take(nb) {
+                h[(i + ii) * r..(i + ii + 1) * r].copy_from_slice(&a[..r]);
+            }
+            i += nb;
+        }
+    }
+}
+
+multiversion! {
+    /// For each row `i` of `d` (rows of width `n`): `d_i = bias + Σ_j h[i·r + j]·bt_j`
+    /// with `bt` (r×n) row-major: a rank-r update written over a bias
+    /// broadcast (zero without bias) in one pass.
+    pub(crate) fn rank_update_rows(h: &[f32], r: usize, bt: &[f32], bias: Option<&[f32]>, d: &mut [f32], n: usize) {
+        for (i, row) in d.chunks_exact_mut(n).enumerate() {
+            match bias {
+                Some(b) => row.copy_from_slice(&b[..n]),
+                None => row.fill(0.0),
+            }
+            for j in 0..r {
+                let hj = h[i * r + j];
+                for (o, &bv) in row.iter_mut().zip(&bt[j * n..(j + 1) * n]) {
+                    *o += hj * bv;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `d = g · gelu'(x)`.
     pub(crate) fn gelu_bwd(x: &[f32], g: &[f32], d: &mut [f32]) {
         for ((o, &v), &gi) in d.iter_mut().zip(x).zip(g) {
