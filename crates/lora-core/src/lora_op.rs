@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows_acc, lora_down, masked_new, next_dropout_seed, rank_update_new, sgemm, sgemm_new, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows_acc, lora_down, masked_new, next_dropout_seed, rank_update_new, sgemm, sgemm_new, transpose_par, with_f32};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -117,8 +117,8 @@ impl CustomOp3 for LoraLinear {
                             let h = h.unwrap_or_else(|| self.branch_in(&z, xe, av));
                             // dB = gᵀ·h (out×r): lhs gᵀ element (o, i) at g[i*out + o].
                             db = sgemm_new(z.out_f, z.r, z.m, gv, 1, z.out_f, &h, z.r, 1, 1.0);
-                            // gb = s·g·B (M×r): rhs B (out×r) row-major.
-                            let gb = sgemm_new(z.m, z.r, z.out_f, gv, z.out_f, 1, bv, z.r, 1, self.scaling);
+                            // gb = s·g·B (M×r) = s·g·(Bᵀ)ᵀ: the down-projection's shape.
+                            let gb = lora_down(z.m, z.out_f, z.r, gv, &transpose_par(bv, z.out_f, z.r), self.scaling);
                             // dA = gbᵀ·dropout(x) (r×in).
                             da = sgemm_new(z.r, z.in_f, z.m, &gb, 1, z.r, xe, z.in_f, 1, 1.0);
                             drop(xd);
