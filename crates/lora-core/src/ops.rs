@@ -278,13 +278,8 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, pac
         return Ok(linear_rows_bf16(x, weight, bias, packs, false, false, op)?.0);
     }
     with_f32(weight, op, |w| {
-        // rhs = Wᵀ (in×out): element (i, o) at w[o*in + i], or at wt[i*out + o]
-        // in the layer's transposed copy.
-        let wt = packs.filter(|_| f32_transposed_weights()).map(|p| p.forward_f32(w, out_f, in_f));
-        let (rhs, rs, cs) = match &wt {
-            Some(t) => (t.as_slice(), out_f, 1),
-            None => (w, 1, in_f),
-        };
+        let wt = forward_f32_copy(packs, w, out_f, in_f);
+        let (rhs, rs, cs) = forward_rhs(w, wt.as_deref().map(Vec::as_slice), out_f, in_f);
         match bias {
             Some(b) => {
                 let mut dst = with_f32(b, op, |b| repeat_par(b, m))?;
@@ -294,6 +289,31 @@ pub(crate) fn linear_rows(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, pac
             None => Ok(sgemm_new(m, out_f, in_f, x, in_f, 1, rhs, rs, cs, 1.0)),
         }
     })?
+}
+
+/// The layer's transposed f32 copy of `w` (out×in), unless turned off or
+/// there is no layer cache.
+fn forward_f32_copy(packs: Option<&Packs>, w: &[f32], out_f: usize, in_f: usize) -> Option<Arc<Vec<f32>>> {
+    packs.filter(|_| f32_transposed_weights()).map(|p| p.forward_f32(w, out_f, in_f))
+}
+
+/// The forward's right operand `Wᵀ` (in×out) with its (row, column)
+/// strides: element (i, o) at `w[o*in + i]`, or at `wt[i*out + o]` in the
+/// transposed copy.
+fn forward_rhs<'a>(w: &'a [f32], wt: Option<&'a [f32]>, out_f: usize, in_f: usize) -> (&'a [f32], usize, usize) {
+    match wt {
+        Some(t) => (t, out_f, 1),
+        None => (w, 1, in_f),
+    }
+}
+
+/// The layer's bf16 tile pack of `Wᵀ` for the forward, or one made for
+/// this call without a layer cache.
+fn forward_pack(packs: Option<&Packs>, w: &[f32], out_f: usize, in_f: usize) -> Arc<PackedBf16> {
+    match packs {
+        Some(p) => p.forward(w, out_f, in_f),
+        None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
+    }
 }
 
 /// Whether f32 forwards use the layer's transposed weight copy
@@ -336,18 +356,13 @@ pub(crate) fn linear_rows_acc(x: &[f32], weight: &Tensor, packs: Option<&Packs>,
     let m = x.len() / in_f.max(1);
     with_f32(weight, op, |w| {
         if amx::use_bf16(m) {
-            let packed = match packs {
-                Some(p) => p.forward(w, out_f, in_f),
-                None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
-            };
+            let packed = forward_pack(packs, w, out_f, in_f);
             amx::gemm_bf16(m, x, in_f, &packed, dst, amx::Epilogue { accumulate: true, ..Default::default() }, None);
             return;
         }
-        let wt = packs.filter(|_| f32_transposed_weights()).map(|p| p.forward_f32(w, out_f, in_f));
-        match &wt {
-            Some(t) => sgemm(m, out_f, in_f, dst, true, x, in_f, 1, t, out_f, 1),
-            None => sgemm(m, out_f, in_f, dst, true, x, in_f, 1, w, 1, in_f),
-        }
+        let wt = forward_f32_copy(packs, w, out_f, in_f);
+        let (rhs, rs, cs) = forward_rhs(w, wt.as_deref().map(Vec::as_slice), out_f, in_f);
+        sgemm(m, out_f, in_f, dst, true, x, in_f, 1, rhs, rs, cs)
     })
 }
 
@@ -487,10 +502,7 @@ fn linear_rows_bf16(x: &[f32], weight: &Tensor, bias: Option<&Tensor>, packs: Op
     let (out_f, in_f) = weight.dims2()?;
     let m = x.len() / in_f.max(1);
     with_f32(weight, op, |w| {
-        let packed = match packs {
-            Some(p) => p.forward(w, out_f, in_f),
-            None => Arc::new(PackedBf16::pack_transposed(w, out_f, in_f)),
-        };
+        let packed = forward_pack(packs, w, out_f, in_f);
         let run = |bias: Option<&[f32]>| amx::gemm_bf16_new(m, x, in_f, &packed, amx::Epilogue { bias, gelu, ..Default::default() }, keep_pre);
         match bias {
             Some(b) => with_f32(b, op, |b| run(Some(b))),
