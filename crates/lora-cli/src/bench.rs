@@ -178,6 +178,14 @@ fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
     ))
 }
 
+fn narrow_input(x: &BertInput, start: usize, len: usize) -> Result<BertInput> {
+    Ok(BertInput {
+        input_ids: x.input_ids.narrow(0, start, len)?.contiguous()?,
+        token_type_ids: x.token_type_ids.narrow(0, start, len)?.contiguous()?,
+        attention_mask: x.attention_mask.narrow(0, start, len)?.contiguous()?,
+    })
+}
+
 /// Wall time of each of `steps` calls after `warmup` untimed ones; on a GPU
 /// the clock stops only when the device has finished the queued work.
 fn time_it(warmup: usize, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
@@ -242,13 +250,32 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         let (model, set, cfg) = build(&args, true)?;
         let (input, labels) = batch(&args, cfg.vocab_size)?;
         let mut opt = AdamW::new(set.trainable(), AdamWConfig::default());
+        // One shard per core, as the trainer runs it (lora_core::parallel).
+        let n = input.input_ids.dim(0)?;
+        let ranges = lora_core::parallel::split_ranges(n, lora_core::parallel::shards_for(n));
+        let shards = ranges
+            .iter()
+            .map(|r| Ok((narrow_input(&input, r.start, r.len())?, labels.narrow(0, r.start, r.len())?, r.len())))
+            .collect::<Result<Vec<_>>>()?;
         let times = time_it(args.warmup, args.steps, || {
-            let logits = model.forward(&input, true)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-            let grads = grads_of(&opt, &loss.backward()?)?;
-            opt.step(&grads, 5e-4)?;
+            let parts = lora_core::parallel::run_shards(shards.len(), 0, |i| -> Result<Vec<Vec<f32>>> {
+                let (inp, lab, len) = &shards[i];
+                let logits = model.forward(inp, true)?;
+                let loss = (candle_nn::loss::cross_entropy(&logits, lab)? * (*len as f64 / n as f64))?;
+                grads_of(&opt, &loss.backward()?)
+            });
+            let mut grads: Option<Vec<Vec<f32>>> = None;
+            for p in parts {
+                let p = p?;
+                match &mut grads {
+                    None => grads = Some(p),
+                    Some(g) => g.iter_mut().flatten().zip(p.iter().flatten()).for_each(|(a, b)| *a += b),
+                }
+            }
+            opt.step(&grads.unwrap_or_default(), 5e-4)?;
             Ok(())
         })?;
+        out["train_shards"] = serde_json::json!(shards.len());
         let med = median(times);
         out["train_step_s"] = serde_json::json!(med);
         out["train_samples_per_s"] = serde_json::json!(bs / med);
@@ -267,8 +294,20 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         let (input, _) = batch(&args, cfg.vocab_size)?;
         let _no_grad = lora_core::no_grad();
         let models = [&unmerged, &merged, &base];
+        // One shard per core, as `lora eval`/`predict` run it.
+        let n = input.input_ids.dim(0)?;
+        let shards = lora_core::parallel::split_ranges(n, lora_core::parallel::shards_for(n))
+            .iter()
+            .map(|r| narrow_input(&input, r.start, r.len()))
+            .collect::<Result<Vec<_>>>()?;
+        out["infer_shards"] = serde_json::json!(shards.len());
         let pass = |m: &BertClassifier| -> Result<()> {
-            m.forward(&input, false)?.to_vec2::<f32>()?;
+            for r in lora_core::parallel::run_shards(shards.len(), 0, |i| -> Result<()> {
+                m.forward(&shards[i], false)?.to_vec2::<f32>()?;
+                Ok(())
+            }) {
+                r?;
+            }
             Ok(())
         };
         let dev = ui::device();
@@ -340,12 +379,30 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
     let mut opt = AdamW::new(lm.adapters.trainable(), AdamWConfig::default());
     let mut step = 0u64;
     let mut losses = vec![];
+    // One shard of the batch per core, weighted by target tokens, as the trainer runs it.
+    let ranges = lora_core::parallel::split_ranges(refs.len(), lora_core::parallel::shards_for(refs.len()));
+    let weights: Vec<f64> = ranges.iter().map(|r| refs[r.clone()].iter().map(|e| e.labels.len().saturating_sub(1)).sum::<usize>() as f64).collect();
+    let total: f64 = weights.iter().sum();
     let times = time_it(args.warmup, args.steps, || {
         lora_core::ops::set_dropout_seed(step);
         step += 1;
-        let (loss, _) = lm.batch_loss(&refs, true)?;
-        losses.push(loss.to_scalar::<f32>()? as f64);
-        let mut grads = grads_of(&opt, &loss.backward()?)?;
+        let parts = lora_core::parallel::run_shards(ranges.len(), step, |i| -> Result<(f64, Vec<Vec<f32>>)> {
+            let (loss, _) = lm.batch_loss(&refs[ranges[i].clone()], true)?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            Ok((lv, grads_of(&opt, &(loss * (weights[i] / total))?.backward()?)?))
+        });
+        let mut loss = 0f64;
+        let mut grads: Vec<Vec<f32>> = vec![];
+        for (i, p) in parts.into_iter().enumerate() {
+            let (l, g) = p?;
+            loss += l * weights[i] / total;
+            if grads.is_empty() {
+                grads = g;
+            } else {
+                grads.iter_mut().flatten().zip(g.iter().flatten()).for_each(|(a, b)| *a += b);
+            }
+        }
+        losses.push(loss);
         lora_train::optim::clip_grad_norm(&mut grads, max_grad_norm);
         opt.step(&grads, lr)?;
         Ok(())
@@ -378,6 +435,7 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
         "load_s": load_s,
         "warmup": args.warmup,
         "steps": args.steps,
+        "decoder_shards": ranges.len(),
         "decoder_step_s": med,
         "decoder_step_s_all": times,
         "decoder_tokens_per_s": (b * t) as f64 / med,

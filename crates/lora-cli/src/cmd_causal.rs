@@ -178,6 +178,7 @@ pub fn train(args: TrainArgs, stop: &AtomicBool, resuming: bool) -> Result<i32> 
         greater_is_better: false,
         patience: args.patience,
         seed: args.seed,
+        shards: None,
     };
     let task = LmTask {
         lm: &lm,

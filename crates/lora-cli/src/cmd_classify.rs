@@ -269,7 +269,7 @@ impl Hooks for TrainHooks<'_> {
         if improved {
             adapter::save_classifier(&self.out, self.clf, &self.meta)
                 .map_err(|e| lora_train::TrainError::Task(e.to_string()))?;
-            self.best_report = self.task.last_report.borrow().clone();
+            self.best_report = self.task.last_report.lock().unwrap_or_else(|e| e.into_inner()).clone();
         }
         Ok(())
     }
@@ -386,6 +386,7 @@ pub fn train(mut args: TrainArgs, stop: &AtomicBool) -> Result<i32> {
         greater_is_better: args.metric() != "loss",
         patience: args.patience,
         seed: args.seed,
+        shards: None,
     };
     let mut trainer = Trainer::new(clf.adapters.trainable(), tcfg, out.join("checkpoint"));
     let metrics_path = out.join("metrics.jsonl");

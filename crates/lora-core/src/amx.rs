@@ -440,7 +440,7 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
         });
     };
     let tasks = m.div_ceil(MC);
-    if tasks > 1 && candle_core::utils::get_num_threads() > 1 {
+    if tasks > 1 && rayon::current_num_threads() > 1 {
         (0..tasks).into_par_iter().for_each(run);
     } else {
         (0..tasks).for_each(run);

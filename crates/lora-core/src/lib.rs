@@ -11,6 +11,7 @@ pub mod lora;
 pub mod lora_op;
 pub mod ops;
 pub mod ops_decoder;
+pub mod parallel;
 pub mod qgemv;
 pub mod residual_norm;
 pub mod simd;

@@ -41,6 +41,11 @@ fn grad_enabled() -> bool {
     NO_GRAD.with(|c| c.get() == 0)
 }
 
+/// Whether gradients are recorded on this thread (no [`no_grad`] guard alive).
+pub(crate) fn grad_enabled_here() -> bool {
+    grad_enabled()
+}
+
 /// The tensor of a trainable parameter, detached under [`no_grad`].
 fn param(v: &Var) -> Tensor {
     if grad_enabled() {

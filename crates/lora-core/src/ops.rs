@@ -119,8 +119,10 @@ pub fn set_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }
 
+/// The gemm crate's split: over the current rayon pool (one thread inside a
+/// data-parallel shard, see [`crate::parallel`]).
 pub(crate) fn threads() -> gemm::Parallelism {
-    let n = candle_core::utils::get_num_threads();
+    let n = rayon::current_num_threads();
     if n > 1 {
         gemm::Parallelism::Rayon(n)
     } else {
@@ -828,11 +830,14 @@ pub fn set_dropout_seed(seed: u64) {
 
 /// The seed of the next dropout mask (one per call, from the seeded sequence).
 pub(crate) fn next_dropout_seed() -> u64 {
+    if let Some(s) = crate::parallel::shard_dropout_next() {
+        return splitmix64(s);
+    }
     splitmix64(DROPOUT_STATE.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
 }
 
 #[inline]
-fn splitmix64(mut z: u64) -> u64 {
+pub(crate) fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -160,7 +160,11 @@ fn cls_only_last_layer_equals_the_full_layer_in_values_and_gradients() {
         let scale: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
         assert!(scale > 0.0, "zero gradient for {}", v.name);
         let d = max_abs(a, b);
-        assert!(d <= 1e-5 * scale.max(1e-3), "{}: gradients differ by {d} (max {scale})", v.name);
+        // 5e-5 of the largest entry: the pruned last layer sums in another
+        // order, and with random adapter values (unseeded) the first layer's
+        // gradients, two layers of LoRA further back, were seen to differ by
+        // up to 1.04e-5 of their largest entry in f32.
+        assert!(d <= 5e-5 * scale.max(1e-3), "{}: gradients differ by {d} (max {scale})", v.name);
     }
     // Inference through the public entry point takes the pruned path and
     // agrees with the full hidden state's [CLS] row.

@@ -181,6 +181,15 @@ impl lora_train::Task for LmTask<'_> {
         batch.len()
     }
 
+    fn shard(&self, batch: &Vec<usize>, parts: usize) -> Option<Vec<Vec<usize>>> {
+        Some(lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
+    }
+
+    /// Target tokens: the batch's loss is their mean.
+    fn loss_weight(&self, batch: &Vec<usize>) -> f64 {
+        batch.iter().map(|&i| self.train[i].labels.iter().skip(1).filter(|&&l| l >= 0).count()).sum::<usize>() as f64
+    }
+
     fn loss(&self, batch: &Vec<usize>) -> candle_core::Result<Tensor> {
         let refs: Vec<&LmExample> = batch.iter().map(|&i| &self.train[i]).collect();
         Ok(self.lm.batch_loss(&refs, true)?.0)

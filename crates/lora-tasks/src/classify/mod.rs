@@ -16,11 +16,20 @@ pub fn predict_logits(clf: &Classifier, ids: &[Vec<u32>], batch_size: usize, dev
     let lengths: Vec<usize> = ids.iter().map(|s| s.len()).collect();
     let mut out: Vec<Vec<f32>> = vec![vec![]; ids.len()];
     for batch in data::make_batches(&lengths, batch_size, None) {
-        let seqs: Vec<&[u32]> = batch.iter().map(|&i| ids[i].as_slice()).collect();
-        let input = data::to_input(&seqs, clf.pad_id, device)?;
-        let logits = clf.model.forward(&input, false)?.to_vec2::<f32>()?;
-        for (i, row) in batch.iter().zip(logits) {
-            out[*i] = row;
+        // One shard of the batch per core (lora_core::parallel), each padded
+        // to its own longest sequence.
+        let ranges = lora_core::parallel::split_ranges(batch.len(), lora_core::parallel::shards_for(batch.len()));
+        let parts = lora_core::parallel::run_shards(ranges.len(), 0, |k| -> Result<Vec<Vec<f32>>> {
+            let seqs: Vec<&[u32]> = batch[ranges[k].clone()].iter().map(|&i| ids[i].as_slice()).collect();
+            let input = data::to_input(&seqs, clf.pad_id, device)?;
+            Ok(clf.model.forward(&input, false)?.to_vec2::<f32>()?)
+        });
+        let mut rows = batch.iter();
+        for logits in parts {
+            // The shard's rows first: zip pulls from its left side first.
+            for (row, i) in logits?.into_iter().zip(rows.by_ref()) {
+                out[*i] = row;
+            }
         }
         progress(batch.len());
     }
@@ -71,7 +80,7 @@ pub struct ClassifyTask<'a> {
     pub seed: u64,
     pub device: Device,
     /// The latest validation report (for plots after training).
-    pub last_report: std::cell::RefCell<Option<ClassificationReport>>,
+    pub last_report: std::sync::Mutex<Option<ClassificationReport>>,
 }
 
 impl lora_train::Task for ClassifyTask<'_> {
@@ -84,6 +93,10 @@ impl lora_train::Task for ClassifyTask<'_> {
 
     fn samples(&self, batch: &Vec<usize>) -> usize {
         batch.len()
+    }
+
+    fn shard(&self, batch: &Vec<usize>, parts: usize) -> Option<Vec<Vec<usize>>> {
+        Some(lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
     }
 
     fn loss(&self, batch: &Vec<usize>) -> candle_core::Result<Tensor> {
@@ -103,7 +116,7 @@ impl lora_train::Task for ClassifyTask<'_> {
         m.insert("accuracy".to_string(), report.accuracy);
         m.insert("macro_f1".to_string(), report.macro_avg.f1);
         m.insert("weighted_f1".to_string(), report.weighted_avg.f1);
-        *self.last_report.borrow_mut() = Some(report);
+        *self.last_report.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
         Ok(m)
     }
 }
