@@ -178,6 +178,15 @@ fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
     ))
 }
 
+/// Data-parallel shards for a batch of `n` on this run's device (one on a GPU).
+fn cpu_shards(n: usize) -> usize {
+    if ui::device().is_cpu() {
+        lora_core::parallel::shards_for(n)
+    } else {
+        1
+    }
+}
+
 fn narrow_input(x: &BertInput, start: usize, len: usize) -> Result<BertInput> {
     Ok(BertInput {
         input_ids: x.input_ids.narrow(0, start, len)?.contiguous()?,
@@ -252,7 +261,7 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         let mut opt = AdamW::new(set.trainable(), AdamWConfig::default());
         // One shard per core, as the trainer runs it (lora_core::parallel).
         let n = input.input_ids.dim(0)?;
-        let ranges = lora_core::parallel::split_ranges(n, lora_core::parallel::shards_for(n));
+        let ranges = lora_core::parallel::split_ranges(n, cpu_shards(n));
         let shards = ranges
             .iter()
             .map(|r| Ok((narrow_input(&input, r.start, r.len())?, labels.narrow(0, r.start, r.len())?, r.len())))
@@ -296,7 +305,7 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
         let models = [&unmerged, &merged, &base];
         // One shard per core, as `lora eval`/`predict` run it.
         let n = input.input_ids.dim(0)?;
-        let shards = lora_core::parallel::split_ranges(n, lora_core::parallel::shards_for(n))
+        let shards = lora_core::parallel::split_ranges(n, cpu_shards(n))
             .iter()
             .map(|r| narrow_input(&input, r.start, r.len()))
             .collect::<Result<Vec<_>>>()?;
@@ -380,7 +389,7 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
     let mut step = 0u64;
     let mut losses = vec![];
     // One shard of the batch per core, weighted by target tokens, as the trainer runs it.
-    let ranges = lora_core::parallel::split_ranges(refs.len(), lora_core::parallel::shards_for(refs.len()));
+    let ranges = lora_core::parallel::split_ranges(refs.len(), cpu_shards(refs.len()));
     let weights: Vec<f64> = ranges.iter().map(|r| refs[r.clone()].iter().map(|e| e.labels.len().saturating_sub(1)).sum::<usize>() as f64).collect();
     let total: f64 = weights.iter().sum();
     let times = time_it(args.warmup, args.steps, || {

@@ -182,6 +182,10 @@ impl lora_train::Task for LmTask<'_> {
     }
 
     fn shard(&self, batch: &Vec<usize>, parts: usize) -> Option<Vec<Vec<usize>>> {
+        // On a GPU one stream runs the whole batch.
+        if !self.lm.model.device().is_cpu() {
+            return None;
+        }
         Some(lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
     }
 

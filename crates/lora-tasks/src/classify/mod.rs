@@ -18,7 +18,8 @@ pub fn predict_logits(clf: &Classifier, ids: &[Vec<u32>], batch_size: usize, dev
     for batch in data::make_batches(&lengths, batch_size, None) {
         // One shard of the batch per core (lora_core::parallel), each padded
         // to its own longest sequence.
-        let ranges = lora_core::parallel::split_ranges(batch.len(), lora_core::parallel::shards_for(batch.len()));
+        let shards = if device.is_cpu() { lora_core::parallel::shards_for(batch.len()) } else { 1 };
+        let ranges = lora_core::parallel::split_ranges(batch.len(), shards);
         let parts = lora_core::parallel::run_shards(ranges.len(), 0, |k| -> Result<Vec<Vec<f32>>> {
             let seqs: Vec<&[u32]> = batch[ranges[k].clone()].iter().map(|&i| ids[i].as_slice()).collect();
             let input = data::to_input(&seqs, clf.pad_id, device)?;
@@ -96,6 +97,10 @@ impl lora_train::Task for ClassifyTask<'_> {
     }
 
     fn shard(&self, batch: &Vec<usize>, parts: usize) -> Option<Vec<Vec<usize>>> {
+        // On a GPU one stream runs the whole batch.
+        if !self.device.is_cpu() {
+            return None;
+        }
         Some(lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
     }
 
