@@ -32,7 +32,11 @@ lora merge --model MODEL_DIR --adapter runs/sst --out merged/\n  \
 lora inspect runs/sst"
 )]
 struct Cli {
-    /// Worker threads for the numeric kernels (default: all cores).
+    /// Worker threads for the numeric kernels (default: all cores). On the
+    /// CPU each f32 batch is split into one shard per thread, each shard's
+    /// forward and backward on its own thread (data parallel; dropout masks
+    /// then depend on the thread count). LORA_DATA_PARALLEL=0 splits each op
+    /// over the threads instead.
     #[arg(long, global = true)]
     threads: Option<usize>,
     /// Precision of the frozen-weight matmuls: f32 (default, exact) or bf16

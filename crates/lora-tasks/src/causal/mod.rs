@@ -134,11 +134,21 @@ impl CausalLm {
         let mut total = 0f64;
         let mut n = 0usize;
         let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
+        let cpu = self.model.device().is_cpu();
         for batch in crate::classify::data::make_batches(&lengths, batch_size, None) {
             let refs: Vec<&LmExample> = batch.iter().map(|&i| &examples[i]).collect();
-            let (loss, k) = self.batch_loss(&refs, false)?;
-            total += loss.to_scalar::<f32>()? as f64 * k as f64;
-            n += k;
+            // One shard of the batch per core (lora_core::parallel); each
+            // returns its token-weighted loss sum.
+            let shards = if cpu { lora_core::parallel::shards_for(refs.len()) } else { 1 };
+            let ranges = lora_core::parallel::split_ranges(refs.len(), shards);
+            for part in lora_core::parallel::run_shards(ranges.len(), 0, |i| -> candle_core::Result<(f64, usize)> {
+                let (loss, k) = self.batch_loss(&refs[ranges[i].clone()], false)?;
+                Ok(if k == 0 { (0.0, 0) } else { (loss.to_scalar::<f32>()? as f64 * k as f64, k) })
+            }) {
+                let (sum, k) = part?;
+                total += sum;
+                n += k;
+            }
             progress(batch.len());
         }
         if n == 0 {
