@@ -180,10 +180,15 @@ fn batch(args: &BenchArgs, vocab: usize) -> Result<(BertInput, Tensor)> {
 
 /// Data-parallel shards for a batch of `n` on this run's device (one on a GPU).
 fn cpu_shards(n: usize) -> usize {
-    if ui::device().is_cpu() {
-        lora_core::parallel::shards_for(n)
+    lora_core::parallel::shards_on(&ui::device(), n)
+}
+
+/// `acc += g`, parameter by parameter (`acc` empty: takes `g`).
+fn sum_grads(acc: &mut Vec<Vec<f32>>, g: Vec<Vec<f32>>) {
+    if acc.is_empty() {
+        *acc = g;
     } else {
-        1
+        acc.iter_mut().flatten().zip(g.iter().flatten()).for_each(|(a, b)| *a += b);
     }
 }
 
@@ -273,15 +278,11 @@ fn encoder(args: &BenchArgs) -> Result<serde_json::Value> {
                 let loss = (candle_nn::loss::cross_entropy(&logits, lab)? * (*len as f64 / n as f64))?;
                 grads_of(&opt, &loss.backward()?)
             });
-            let mut grads: Option<Vec<Vec<f32>>> = None;
+            let mut grads = vec![];
             for p in parts {
-                let p = p?;
-                match &mut grads {
-                    None => grads = Some(p),
-                    Some(g) => g.iter_mut().flatten().zip(p.iter().flatten()).for_each(|(a, b)| *a += b),
-                }
+                sum_grads(&mut grads, p?);
             }
-            opt.step(&grads.unwrap_or_default(), 5e-4)?;
+            opt.step(&grads, 5e-4)?;
             Ok(())
         })?;
         out["train_shards"] = serde_json::json!(shards.len());
@@ -405,11 +406,7 @@ fn decoder(args: &BenchArgs) -> Result<serde_json::Value> {
         for (i, p) in parts.into_iter().enumerate() {
             let (l, g) = p?;
             loss += l * weights[i] / total;
-            if grads.is_empty() {
-                grads = g;
-            } else {
-                grads.iter_mut().flatten().zip(g.iter().flatten()).for_each(|(a, b)| *a += b);
-            }
+            sum_grads(&mut grads, g);
         }
         losses.push(loss);
         lora_train::optim::clip_grad_norm(&mut grads, max_grad_norm);

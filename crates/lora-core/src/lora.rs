@@ -37,13 +37,9 @@ impl Drop for NoGradGuard {
     }
 }
 
-fn grad_enabled() -> bool {
-    NO_GRAD.with(|c| c.get() == 0)
-}
-
 /// Whether gradients are recorded on this thread (no [`no_grad`] guard alive).
-pub(crate) fn grad_enabled_here() -> bool {
-    grad_enabled()
+pub(crate) fn grad_enabled() -> bool {
+    NO_GRAD.with(|c| c.get() == 0)
 }
 
 /// The tensor of a trainable parameter, detached under [`no_grad`].

@@ -62,6 +62,21 @@ pub fn shards_for(n: usize) -> usize {
     rayon::current_num_threads().min(n).max(1)
 }
 
+/// [`shards_for`] on `device`: one shard (the whole batch in one stream)
+/// anywhere but the CPU.
+pub fn shards_on(device: &candle_core::Device, n: usize) -> usize {
+    if device.is_cpu() {
+        shards_for(n)
+    } else {
+        1
+    }
+}
+
+/// `items` in [`split_ranges`]' contiguous parts, copied.
+pub fn split<T: Clone>(items: &[T], shards: usize) -> Vec<Vec<T>> {
+    split_ranges(items.len(), shards).into_iter().map(|r| items[r].to_vec()).collect()
+}
+
 /// The contiguous ranges `n` examples split into for `shards` shards (sizes
 /// differ by at most one, larger first).
 pub fn split_ranges(n: usize, shards: usize) -> Vec<std::ops::Range<usize>> {
@@ -88,7 +103,7 @@ pub fn run_shards<R: Send>(shards: usize, dropout_seed: u64, f: impl Fn(usize) -
         return vec![f(0)];
     }
     let pools = pools();
-    let no_grad = !crate::lora::grad_enabled_here();
+    let no_grad = !crate::lora::grad_enabled();
     let precision = crate::amx::matmul_precision();
     std::thread::scope(|s| {
         let f = &f;

@@ -217,8 +217,8 @@ impl Trainer {
                 let mut loss_sum = 0f64;
                 let mut samples = 0usize;
                 for (mi, b) in group.iter().enumerate() {
-                    samples += task.samples(b);
                     let n = task.samples(b);
+                    samples += n;
                     let parts = self.cfg.shards.unwrap_or_else(|| lora_core::parallel::shards_for(n)).min(n);
                     let shards = if parts > 1 { task.shard(b, parts).filter(|s| s.len() > 1) } else { None };
                     let lv = match shards {
@@ -227,7 +227,7 @@ impl Trainer {
                             let lv = loss.to_scalar::<f32>()?;
                             if lv.is_finite() {
                                 let gs = (loss / group.len() as f64)?.backward()?;
-                                add_grads(&self.opt, &gs, 1.0, &mut grads)?;
+                                add_grads(&self.opt, &gs, &mut grads)?;
                             }
                             lv as f64
                         }
@@ -248,7 +248,7 @@ impl Trainer {
                                 let lv = loss.to_scalar::<f32>()? as f64;
                                 if lv.is_finite() {
                                     let gs = (loss * (w[i] / total / group.len() as f64))?.backward()?;
-                                    add_grads(opt, &gs, 1.0, &mut g)?;
+                                    add_grads(opt, &gs, &mut g)?;
                                 }
                                 Ok((lv, g))
                             });
@@ -333,12 +333,12 @@ impl Trainer {
     }
 }
 
-/// Adds `scale ×` each parameter's gradient in `gs` to `acc` (absent ones add nothing).
-fn add_grads(opt: &AdamW, gs: &candle_core::backprop::GradStore, scale: f32, acc: &mut [Vec<f32>]) -> Result<()> {
+/// Adds each parameter's gradient in `gs` to `acc` (absent ones add nothing).
+fn add_grads(opt: &AdamW, gs: &candle_core::backprop::GradStore, acc: &mut [Vec<f32>]) -> Result<()> {
     for (p, acc) in opt.params.iter().zip(acc.iter_mut()) {
         if let Some(g) = gs.get(p.var.as_tensor()) {
             let g = g.flatten_all()?.to_vec1::<f32>()?;
-            acc.iter_mut().zip(g).for_each(|(a, b)| *a += scale * b);
+            acc.iter_mut().zip(g).for_each(|(a, b)| *a += b);
         }
     }
     Ok(())
@@ -370,7 +370,7 @@ mod tests {
             batch.len()
         }
         fn shard(&self, batch: &Vec<usize>, parts: usize) -> Option<Vec<Vec<usize>>> {
-            self.sharded.then(|| lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
+            self.sharded.then(|| lora_core::parallel::split(batch, parts))
         }
         fn loss_weight(&self, batch: &Vec<usize>) -> f64 {
             batch.iter().map(|&i| self.terms[i]).sum::<usize>() as f64

@@ -134,13 +134,11 @@ impl CausalLm {
         let mut total = 0f64;
         let mut n = 0usize;
         let lengths: Vec<usize> = examples.iter().map(|e| e.ids.len()).collect();
-        let cpu = self.model.device().is_cpu();
         for batch in crate::classify::data::make_batches(&lengths, batch_size, None) {
             let refs: Vec<&LmExample> = batch.iter().map(|&i| &examples[i]).collect();
             // One shard of the batch per core (lora_core::parallel); each
             // returns its token-weighted loss sum.
-            let shards = if cpu { lora_core::parallel::shards_for(refs.len()) } else { 1 };
-            let ranges = lora_core::parallel::split_ranges(refs.len(), shards);
+            let ranges = lora_core::parallel::split_ranges(refs.len(), lora_core::parallel::shards_on(self.model.device(), refs.len()));
             for part in lora_core::parallel::run_shards(ranges.len(), 0, |i| -> candle_core::Result<(f64, usize)> {
                 let (loss, k) = self.batch_loss(&refs[ranges[i].clone()], false)?;
                 Ok(if k == 0 { (0.0, 0) } else { (loss.to_scalar::<f32>()? as f64 * k as f64, k) })
@@ -196,7 +194,7 @@ impl lora_train::Task for LmTask<'_> {
         if !self.lm.model.device().is_cpu() {
             return None;
         }
-        Some(lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
+        Some(lora_core::parallel::split(batch, parts))
     }
 
     /// Target tokens: the batch's loss is their mean.

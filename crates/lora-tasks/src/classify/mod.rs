@@ -18,8 +18,7 @@ pub fn predict_logits(clf: &Classifier, ids: &[Vec<u32>], batch_size: usize, dev
     for batch in data::make_batches(&lengths, batch_size, None) {
         // One shard of the batch per core (lora_core::parallel), each padded
         // to its own longest sequence.
-        let shards = if device.is_cpu() { lora_core::parallel::shards_for(batch.len()) } else { 1 };
-        let ranges = lora_core::parallel::split_ranges(batch.len(), shards);
+        let ranges = lora_core::parallel::split_ranges(batch.len(), lora_core::parallel::shards_on(device, batch.len()));
         let parts = lora_core::parallel::run_shards(ranges.len(), 0, |k| -> Result<Vec<Vec<f32>>> {
             let seqs: Vec<&[u32]> = batch[ranges[k].clone()].iter().map(|&i| ids[i].as_slice()).collect();
             let input = data::to_input(&seqs, clf.pad_id, device)?;
@@ -101,7 +100,7 @@ impl lora_train::Task for ClassifyTask<'_> {
         if !self.device.is_cpu() {
             return None;
         }
-        Some(lora_core::parallel::split_ranges(batch.len(), parts).into_iter().map(|r| batch[r].to_vec()).collect())
+        Some(lora_core::parallel::split(batch, parts))
     }
 
     fn loss(&self, batch: &Vec<usize>) -> candle_core::Result<Tensor> {
