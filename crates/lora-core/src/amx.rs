@@ -377,6 +377,11 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
                     abuf[t..t + TK].copy_from_slice(&row[kb * TK..kb * TK + TK]);
                 }
             }
+            // SAFETY: this task's rows r0..r0+rows of each output: valid for
+            // rows·n elements (the caller's contract), initialised when read
+            // (`accumulate`) and disjoint from every other task's.
+            let dtask = unsafe { std::slice::from_raw_parts_mut(dst.get().add(r0 * n), rows * n) };
+            let mut ptask = (!pre.get().is_null()).then(|| unsafe { std::slice::from_raw_parts_mut(pre.get().add(r0 * n), rows * n) });
             let mut scratch = [0f32; 2 * TR * 2 * TR];
             let mut activated = [0f32; 2 * TR * 2 * TR];
             sys::with_tiles(|| {
@@ -400,40 +405,7 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
                             sys::store4(scratch.as_mut_ptr());
                         }
                         let nrows = rows.saturating_sub(mb).min(2 * TR);
-                        for r in 0..nrows {
-                            let off = (r0 + mb + r) * n + c0;
-                            let s = &mut scratch[r * 2 * TR..r * 2 * TR + cols];
-                            // SAFETY: row r0+mb+r < m, columns c0..c0+cols < n;
-                            // rows of different tasks are disjoint.
-                            let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add(off), cols) };
-                            if ep.accumulate {
-                                for (s, d) in s.iter_mut().zip(d.iter()) {
-                                    *s += *d;
-                                }
-                            }
-                            if let Some(bias) = ep.bias {
-                                for (s, b) in s.iter_mut().zip(&bias[c0..c0 + cols]) {
-                                    *s += *b;
-                                }
-                            }
-                            if !pre.get().is_null() {
-                                // SAFETY: as for dst.
-                                copy_row(unsafe { std::slice::from_raw_parts_mut(pre.get().add(off), cols) }, s);
-                            }
-                            if !ep.gelu {
-                                copy_row(d, s);
-                            }
-                        }
-                        if ep.gelu {
-                            // Once over the whole block (one call of 1024
-                            // elements rather than 32 calls of 32).
-                            crate::simd::gelu_fwd(&scratch[..nrows * 2 * TR], &mut activated[..nrows * 2 * TR]);
-                            for r in 0..nrows {
-                                // SAFETY: as above.
-                                let d = unsafe { std::slice::from_raw_parts_mut(dst.get().add((r0 + mb + r) * n + c0), cols) };
-                                copy_row(d, &activated[r * 2 * TR..r * 2 * TR + cols]);
-                            }
-                        }
+                        crate::simd::amx_block_out(&mut scratch, 2 * TR, &mut activated, nrows, cols, dtask, mb * n + c0, n, ptask.as_deref_mut(), ep.bias.map(|b| &b[c0..c0 + cols]), ep.accumulate, ep.gelu);
                     }
                 }
             });
@@ -444,17 +416,6 @@ unsafe fn gemm_bf16_raw(m: usize, a: &[f32], lda: usize, b: &PackedBf16, dst: *m
         (0..tasks).into_par_iter().for_each(run);
     } else {
         (0..tasks).for_each(run);
-    }
-}
-
-/// `d = s` for one block row; a whole row (32) is copied with a constant
-/// length, which compiles to vector moves instead of a memmove call (the
-/// calls were ~10% of a training step).
-#[inline(always)]
-fn copy_row(d: &mut [f32], s: &[f32]) {
-    match (<&mut [f32; 2 * TR]>::try_from(&mut *d), <&[f32; 2 * TR]>::try_from(s)) {
-        (Ok(d), Ok(s)) => *d = *s,
-        _ => d.copy_from_slice(s),
     }
 }
 

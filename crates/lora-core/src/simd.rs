@@ -349,11 +349,56 @@ pub fn erf(x: f32) -> f32 {
 const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+#[inline(always)]
+fn gelu_slice(x: &[f32], d: &mut [f32]) {
+    for (o, &v) in d.iter_mut().zip(x) {
+        *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+    }
+}
+
 multiversion! {
     /// `d = gelu(x) = x·Φ(x)` (erf form).
     pub(crate) fn gelu_fwd(x: &[f32], d: &mut [f32]) {
-        for (o, &v) in d.iter_mut().zip(x) {
-            *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+        gelu_slice(x, d)
+    }
+}
+
+multiversion! {
+    /// The way of one `nrows × cols` block of an AMX product to memory: `s`
+    /// holds the block (row stride `ss`); row `r` goes to
+    /// `d[d0 + r·ld..][..cols]` as `s (+ d if accumulate) (+ bias)`, through
+    /// GELU when `gelu` (`act`, ≥ nrows·ss, is its scratch), and the value
+    /// before GELU also to `pre` at the same offsets. One call per block, so
+    /// the element loops run with the wide vectors rather than as the
+    /// caller's baseline code (SSE).
+    pub(crate) fn amx_block_out(s: &mut [f32], ss: usize, act: &mut [f32], nrows: usize, cols: usize, d: &mut [f32], d0: usize, ld: usize, pre: Option<&mut [f32]>, bias: Option<&[f32]>, accumulate: bool, gelu: bool) {
+        let mut pre = pre;
+        for r in 0..nrows {
+            let sr = &mut s[r * ss..r * ss + cols];
+            let o = d0 + r * ld;
+            if accumulate {
+                for (v, x) in sr.iter_mut().zip(&d[o..o + cols]) {
+                    *v += *x;
+                }
+            }
+            if let Some(b) = bias {
+                for (v, x) in sr.iter_mut().zip(b) {
+                    *v += *x;
+                }
+            }
+            if let Some(p) = pre.as_deref_mut() {
+                p[o..o + cols].copy_from_slice(sr);
+            }
+            if !gelu {
+                d[o..o + cols].copy_from_slice(sr);
+            }
+        }
+        if gelu {
+            gelu_slice(&s[..nrows * ss], &mut act[..nrows * ss]);
+            for r in 0..nrows {
+                let o = d0 + r * ld;
+                d[o..o + cols].copy_from_slice(&act[r * ss..r * ss + cols]);
+            }
         }
     }
 }
