@@ -80,13 +80,7 @@ pub(crate) fn repeat_par(row: &[f32], m: usize) -> Vec<f32> {
     if n == 0 {
         return vec![];
     }
-    par_filled(m * n, (FILL_CHUNK / n).max(1) * n, |_, c| {
-        for d in c.chunks_mut(n) {
-            for (d, s) in d.iter_mut().zip(row) {
-                d.write(*s);
-            }
-        }
-    })
+    par_filled(m * n, (FILL_CHUNK / n).max(1) * n, |_, c| simd::repeat_rows(row, c))
 }
 
 /// Rows of width `h` per parallel task: about 16K elements, so that small
@@ -723,7 +717,13 @@ pub fn masked_softmax(scores: &Tensor, bias: &Tensor) -> Result<Tensor> {
 
 pub use crate::simd::{erf, fast_exp};
 
-struct GeluErf;
+/// GELU (erf form). When the input tracks a gradient, the forward pass also
+/// stores `gelu'(x)` (one exp per element more), so that the backward pass
+/// is a multiply instead of erf and exp again.
+struct GeluErf {
+    keep: bool,
+    deriv: std::sync::Mutex<Option<Vec<f32>>>,
+}
 
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
@@ -732,14 +732,40 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let dst = par_new(x.len(), 4096, |s, d| simd::gelu_fwd(&x[s..s + d.len()], d));
+        if !self.keep {
+            let dst = par_new(x.len(), 4096, |s, d| simd::gelu_fwd(&x[s..s + d.len()], d));
+            return Ok((CpuStorage::F32(dst), l.shape().clone()));
+        }
+        let n = x.len();
+        let (mut dst, mut deriv) = (Vec::<f32>::with_capacity(n), Vec::<f32>::with_capacity(n));
+        dst.spare_capacity_mut()[..n].par_chunks_mut(4096).zip(deriv.spare_capacity_mut()[..n].par_chunks_mut(4096)).enumerate().for_each(|(i, (y, d))| {
+            y.fill(MaybeUninit::new(0.0));
+            d.fill(MaybeUninit::new(0.0));
+            // SAFETY: both chunks were initialised on the lines above, and
+            // MaybeUninit<f32> has f32's layout.
+            let (y, d) = unsafe { (&mut *(y as *mut [MaybeUninit<f32>] as *mut [f32]), &mut *(d as *mut [MaybeUninit<f32>] as *mut [f32])) };
+            simd::gelu_fwd_with_grad(&x[i * 4096..i * 4096 + y.len()], y, d)
+        });
+        // SAFETY: every chunk of both buffers was initialised above.
+        unsafe {
+            dst.set_len(n);
+            deriv.set_len(n);
+        }
+        *self.deriv.lock().unwrap_or_else(|e| e.into_inner()) = Some(deriv);
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let x = arg.contiguous()?;
         let g = grad.contiguous()?;
-        let dx = with_f32(&x, "gelu-bwd", |x| with_f32(&g, "gelu-bwd", |g| gelu_grad(x, g)))??;
+        let saved = self.deriv.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let dx = match saved {
+            Some(d) if d.len() == g.elem_count() => with_f32(&g, "gelu-bwd", |g| par_new(g.len(), 4096, |s, o| simd::mul_into(&g[s..s + o.len()], &d[s..s + o.len()], o)))?,
+            // A second backward pass over the same graph: from the input.
+            _ => {
+                let x = arg.contiguous()?;
+                with_f32(&x, "gelu-bwd", |x| with_f32(&g, "gelu-bwd", |g| gelu_grad(x, g)))??
+            }
+        };
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -812,7 +838,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return x.gelu_erf();
     }
-    x.contiguous()?.apply_op1(GeluErf)
+    x.contiguous()?.apply_op1(GeluErf { keep: x.track_op(), deriv: Default::default() })
 }
 
 // ---------------------------------------------------------------------------

@@ -364,6 +364,29 @@ multiversion! {
 }
 
 multiversion! {
+    /// `y = gelu(x)` and `dydx = gelu'(x) = Φ(x) + x·φ(x)` (for the backward
+    /// pass, which is then one multiply): `y` bit for bit [`gelu_fwd`]'s, and
+    /// `g·dydx` [`gelu_bwd`]'s.
+    pub(crate) fn gelu_fwd_with_grad(x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
+        for ((o, dd), &v) in y.iter_mut().zip(dydx.iter_mut()).zip(x) {
+            let e = erf(v * INV_SQRT2);
+            *o = 0.5 * v * (1.0 + e);
+            let cdf = 0.5 * (1.0 + e);
+            *dd = cdf + v * (INV_SQRT_2PI * fast_exp(-0.5 * v * v));
+        }
+    }
+}
+
+multiversion! {
+    /// `d = a ⊙ b`.
+    pub(crate) fn mul_into(a: &[f32], b: &[f32], d: &mut [f32]) {
+        for (o, (x, y)) in d.iter_mut().zip(a.iter().zip(b)) {
+            *o = *x * *y;
+        }
+    }
+}
+
+multiversion! {
     /// The way of one `nrows × cols` block of an AMX product to memory: `s`
     /// holds the block (row stride `ss`); row `r` goes to
     /// `d[d0 + r·ld..][..cols]` as `s (+ d if accumulate) (+ bias)`, through
@@ -660,6 +683,19 @@ multiversion! {
 }
 
 multiversion! {
+    /// `dst` (whole rows of `row.len()`, the last one possibly cut short)
+    /// = `row` repeated: a bias broadcast before a GEMM adds onto it, in
+    /// wide stores (the baseline loop was ~1.5% of a short-sequence step).
+    pub(crate) fn repeat_rows(row: &[f32], dst: &mut [std::mem::MaybeUninit<f32>]) {
+        for d in dst.chunks_mut(row.len().max(1)) {
+            for (d, s) in d.iter_mut().zip(row) {
+                d.write(*s);
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `dst[i] = bf16(src[i])`, rounded to nearest even (see [`crate::amx::to_bf16`]).
     pub fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
         for (d, &x) in dst.iter_mut().zip(src) {
@@ -745,6 +781,17 @@ mod tests {
             let want = 0.5 * (*a as f64) * (1.0 + libm_erf(*a as f64 / 2f64.sqrt()));
             assert!((*b as f64 - want).abs() < 2e-6, "gelu({a}) = {b}, want {want}");
         }
+        // The training forward's GELU with its derivative: the same values
+        // bit for bit, and g·gelu' equal to the backward kernel's.
+        let (mut y2, mut dd) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        gelu_fwd_with_grad(&x, &mut y2, &mut dd);
+        assert_eq!(y, y2);
+        let g: Vec<f32> = x.iter().map(|v| 1.0 - 0.3 * v).collect();
+        let mut want = vec![0f32; x.len()];
+        gelu_bwd(&x, &g, &mut want);
+        let mut got = vec![0f32; x.len()];
+        mul_into(&g, &dd, &mut got);
+        assert_eq!(got, want);
         let mut s = x.clone();
         softmax_inplace(&mut s);
         let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;

@@ -717,13 +717,36 @@ fn add_f32_cpu(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
         _ => return Ok(None),
     };
     const CHUNK: usize = 16384;
-    let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (x, y))| {
-        for i in 0..o.len() {
-            o[i] = x[i] + y[i];
-        }
-    });
+    let n = x.len();
+    let mut out: Vec<f32> = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n].par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK))).for_each(|(o, (x, y))| add_into(o, x, y));
+    // SAFETY: the chunks above wrote each of the n elements.
+    unsafe { out.set_len(n) };
     Ok(Some(Tensor::from_vec(out, a.shape(), a.device())?))
+}
+
+/// `o = x + y`, with AVX-512 stores where the CPU has them (this crate is
+/// built for the baseline ISA).
+fn add_into(o: &mut [std::mem::MaybeUninit<f32>], x: &[f32], y: &[f32]) {
+    #[inline(always)]
+    fn add(o: &mut [std::mem::MaybeUninit<f32>], x: &[f32], y: &[f32]) {
+        for (o, (x, y)) in o.iter_mut().zip(x.iter().zip(y)) {
+            o.write(*x + *y);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn add512(o: &mut [std::mem::MaybeUninit<f32>], x: &[f32], y: &[f32]) {
+            add(o, x, y)
+        }
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f")) {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return unsafe { add512(o, x, y) };
+        }
+    }
+    add(o, x, y)
 }
 
 impl GradStore {
