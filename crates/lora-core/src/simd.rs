@@ -349,6 +349,13 @@ pub fn erf(x: f32) -> f32 {
 const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
+/// `gelu'(v) = Φ(v) + v·φ(v)` given `e = erf(v/√2)`: the one formula of the
+/// backward kernel and of the training forward's stored derivative.
+#[inline(always)]
+fn gelu_slope(v: f32, e: f32) -> f32 {
+    0.5 * (1.0 + e) + v * (INV_SQRT_2PI * fast_exp(-0.5 * v * v))
+}
+
 #[inline(always)]
 fn gelu_slice(x: &[f32], d: &mut [f32]) {
     for (o, &v) in d.iter_mut().zip(x) {
@@ -371,8 +378,7 @@ multiversion! {
         for ((o, dd), &v) in y.iter_mut().zip(dydx.iter_mut()).zip(x) {
             let e = erf(v * INV_SQRT2);
             *o = 0.5 * v * (1.0 + e);
-            let cdf = 0.5 * (1.0 + e);
-            *dd = cdf + v * (INV_SQRT_2PI * fast_exp(-0.5 * v * v));
+            *dd = gelu_slope(v, e);
         }
     }
 }
@@ -480,9 +486,7 @@ multiversion! {
     /// `d = g · gelu'(x)`.
     pub(crate) fn gelu_bwd(x: &[f32], g: &[f32], d: &mut [f32]) {
         for ((o, &v), &gi) in d.iter_mut().zip(x).zip(g) {
-            let cdf = 0.5 * (1.0 + erf(v * INV_SQRT2));
-            let pdf = INV_SQRT_2PI * fast_exp(-0.5 * v * v);
-            *o = gi * (cdf + v * pdf);
+            *o = gi * gelu_slope(v, erf(v * INV_SQRT2));
         }
     }
 }

@@ -216,66 +216,16 @@ impl Embeddings {
 
     /// ids, types: (B, T) u32 -> (B, T, H)
     fn forward(&self, ids: &Tensor, types: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let h = self.word.dim(1)?;
-        if let Some(x) = self.sum_frozen(ids, types)? {
+        if let Some(x) = ops::embeddings_sum(&self.word, &self.token_type, &self.position, ids, types)? {
             return dropout(&self.norm.forward(&x)?, self.dropout, train);
         }
+        let (b, t) = ids.dims2()?;
+        let h = self.word.dim(1)?;
         let w = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, h))?;
         let ty = self.token_type.index_select(&types.flatten_all()?, 0)?.reshape((b, t, h))?;
         let pos = self.position.narrow(0, 0, t)?; // (T, H)
         let x = (w + ty)?.broadcast_add(&pos)?;
         dropout(&self.norm.forward(&x)?, self.dropout, train)
-    }
-
-    /// `word[ids] + token_type[types] + position[t]` in one pass over the
-    /// output, when the three tables are frozen f32 on the CPU (no gradient
-    /// to route): two gathers and two broadcast adds through candle's
-    /// thread pool were ~1% of a short-sequence training step. `None`
-    /// otherwise (the tensor ops above serve). Ids out of range are an
-    /// error, as in `index_select`.
-    fn sum_frozen(&self, ids: &Tensor, types: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let tables = [&self.word, &self.token_type, &self.position];
-        if tables.iter().any(|w| w.track_op() || w.dtype() != DType::F32 || !w.device().is_cpu()) || ids.dtype() != DType::U32 || types.dtype() != DType::U32 {
-            return Ok(None);
-        }
-        let (b, t) = ids.dims2()?;
-        let h = self.word.dim(1)?;
-        let (nw, nty, npos) = (self.word.dim(0)?, self.token_type.dim(0)?, self.position.dim(0)?);
-        if t > npos {
-            candle_core::bail!("sequence of {t} tokens is longer than the {npos} position embeddings")
-        }
-        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-        let types = types.flatten_all()?.to_vec1::<u32>()?;
-        let (ws, wl) = self.word.storage_and_layout();
-        let (ys, yl) = self.token_type.storage_and_layout();
-        let (ps, pl) = self.position.storage_and_layout();
-        let (Some(word), Some(ty), Some(pos)) = (cpu_f32(&ws, wl), cpu_f32(&ys, yl), cpu_f32(&ps, pl)) else {
-            return Ok(None);
-        };
-        let mut out = vec![0f32; b * t * h];
-        for (i, row) in out.chunks_exact_mut(h).enumerate() {
-            let (id, tt) = (ids[i] as usize, types[i] as usize);
-            if id >= nw {
-                candle_core::bail!("token id {id} is out of the vocabulary ({nw} entries)")
-            }
-            if tt >= nty {
-                candle_core::bail!("token type {tt} is out of range ({nty} types)")
-            }
-            let (w, y, p) = (&word[id * h..][..h], &ty[tt * h..][..h], &pos[(i % t) * h..][..h]);
-            for j in 0..h {
-                row[j] = w[j] + y[j] + p[j];
-            }
-        }
-        Ok(Some(Tensor::from_vec(out, (b, t, h), self.word.device())?))
-    }
-}
-
-/// The elements of a contiguous f32 tensor on the CPU, in order.
-fn cpu_f32<'a>(s: &'a candle_core::Storage, l: &candle_core::Layout) -> Option<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)), Some((a, b))) => Some(&v[a..b]),
-        _ => None,
     }
 }
 
