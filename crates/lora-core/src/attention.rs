@@ -28,7 +28,8 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `dst (m×n, strides) = [dst +] lhs (m×k) · rhs (k×n)`, single-threaded.
+/// `dst (m×n, row stride dst_rs) = beta · lhs (m×k) · rhs (k×n)`,
+/// single-threaded, without reading `dst` (see [`crate::small_mm`]).
 ///
 /// # Safety
 /// The pointers with their strides must address valid memory for the shapes.
@@ -40,7 +41,6 @@ unsafe fn mm(
     k: usize,
     dst: *mut f32,
     dst_rs: usize,
-    acc: bool,
     lhs: *const f32,
     lhs_rs: usize,
     lhs_cs: usize,
@@ -49,27 +49,7 @@ unsafe fn mm(
     rhs_cs: usize,
     beta: f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        acc,
-        lhs,
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs,
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if acc { 1.0 } else { 0.0 },
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    crate::small_mm::mm(m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta)
 }
 
 struct Attention {
@@ -110,7 +90,7 @@ impl Attention {
         let (b, hd) = (bh / self.heads, bh % self.heads);
         let off = b * z.t * z.h + hd * z.d;
         // rhs = K_bhᵀ (d×T): element (j, s) at k[off + s·H + j].
-        mm(z.t, z.t, z.d, p.as_mut_ptr(), z.t, false, q.add(off), z.h, 1, k.add(off), 1, z.h, self.scale);
+        mm(z.t, z.t, z.d, p.as_mut_ptr(), z.t, q.add(off), z.h, 1, k.add(off), 1, z.h, self.scale);
         simd::masked_softmax_rows(p, &mask[b * z.t..(b + 1) * z.t], z.t);
     }
 
@@ -167,7 +147,7 @@ impl CustomOp3 for Attention {
                             }
                             None => p,
                         };
-                        mm(z.t, z.d, z.t, dst.0.add(off), z.h, false, pp.as_ptr(), z.t, 1, v.as_ptr().add(off), z.h, 1, 1.0);
+                        mm(z.t, z.d, z.t, dst.0.add(off), z.h, pp.as_ptr(), z.t, 1, v.as_ptr().add(off), z.h, 1, 1.0);
                     }
                 },
             )
@@ -227,17 +207,17 @@ impl CustomOp3 for Attention {
                                         };
                                         let (go, vo) = (gd.as_ptr().add(off), vd.as_ptr().add(off));
                                         // dPd = dO·Vᵀ (T×T)
-                                        mm(z.t, z.t, z.d, dp.as_mut_ptr(), z.t, false, go, z.h, 1, vo, 1, z.h, 1.0);
+                                        mm(z.t, z.t, z.d, dp.as_mut_ptr(), z.t, go, z.h, 1, vo, 1, z.h, 1.0);
                                         // dV = Pdᵀ·dO (T×d)
-                                        mm(z.t, z.d, z.t, pdv.0.add(off), z.h, false, pp.as_ptr(), 1, z.t, go, z.h, 1, 1.0);
+                                        mm(z.t, z.d, z.t, pdv.0.add(off), z.h, pp.as_ptr(), 1, z.t, go, z.h, 1, 1.0);
                                         if let Some(dr) = &self.dropout {
                                             dr.apply_inplace((bh * tt) as u64, dp);
                                         }
                                         // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
                                         simd::softmax_bwd_inplace_rows(p, dp, z.t);
                                         // dQ = dS·K·scale, dK = dSᵀ·Q·scale
-                                        mm(z.t, z.d, z.t, pdq.0.add(off), z.h, false, dp.as_ptr(), z.t, 1, kd.as_ptr().add(off), z.h, 1, self.scale);
-                                        mm(z.t, z.d, z.t, pdk.0.add(off), z.h, false, dp.as_ptr(), 1, z.t, qd.as_ptr().add(off), z.h, 1, self.scale);
+                                        mm(z.t, z.d, z.t, pdq.0.add(off), z.h, dp.as_ptr(), z.t, 1, kd.as_ptr().add(off), z.h, 1, self.scale);
+                                        mm(z.t, z.d, z.t, pdk.0.add(off), z.h, dp.as_ptr(), 1, z.t, qd.as_ptr().add(off), z.h, 1, self.scale);
                                     }
                                 },
                             )

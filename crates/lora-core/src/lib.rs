@@ -15,6 +15,7 @@ pub mod parallel;
 pub mod qgemv;
 pub mod residual_norm;
 pub mod simd;
+mod small_mm;
 pub mod target;
 pub mod weights;
 

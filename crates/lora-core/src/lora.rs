@@ -614,6 +614,33 @@ mod tests {
 
     /// The fused bf16 linear+GELU equals the two-step bf16 path exactly
     /// (values and input gradient), and the f32 path within the bf16 bound.
+    /// The f32 fused linear+GELU (GELU in place on the GEMM's output, gelu'
+    /// kept for the backward) against the two ops: the same values and input
+    /// gradient bit for bit, a second backward pass over the same graph
+    /// (recomputed from the input) too, and the no-grad path.
+    #[test]
+    fn fused_gelu_f32_equals_two_steps() {
+        let l = Linear::frozen("i", rand(&[72, 40]), Some(rand(&[72])));
+        let x = Var::from_tensor(&rand(&[3, 11, 40])).unwrap();
+        let g = rand(&[3, 11, 72]);
+        let run = |fused: bool| {
+            let y = if fused { l.forward_gelu(x.as_tensor(), true) } else { ops::gelu_erf(&l.forward(x.as_tensor(), true).unwrap()) }.unwrap();
+            let loss = (&y * &g).unwrap().sum_all().unwrap();
+            let dx = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            let dx2 = loss.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            (y, dx, dx2)
+        };
+        let (y_f, dx_f, dx2_f) = run(true);
+        let (y_2, dx_2, _) = run(false);
+        assert_eq!(max_abs(&y_f, &y_2), 0.0);
+        assert_eq!(max_abs(&dx_f, &dx_2), 0.0);
+        assert!(max_abs(&dx2_f, &dx_2) < 1e-6);
+        assert!(dx_f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        let _ng = crate::no_grad();
+        let y_ng = l.forward_gelu(&x.as_tensor().detach(), false).unwrap();
+        assert_eq!(max_abs(&y_ng, &y_f), 0.0);
+    }
+
     #[test]
     fn fused_gelu_equals_two_steps() {
         use crate::amx::{available, with_matmul_precision, MatmulPrecision};

@@ -147,7 +147,7 @@ impl CustomOp3 for LoraLinear {
 
 /// Whether [`lora_linear`] falls back to [`lora_linear_reference`]
 /// (`LORA_REFERENCE_LINEAR=1`, for A/B runs).
-fn reference_requested() -> bool {
+pub(crate) fn reference_requested() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FLAG.get_or_init(|| std::env::var("LORA_REFERENCE_LINEAR").is_ok_and(|v| v == "1"))
 }

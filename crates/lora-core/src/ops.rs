@@ -58,6 +58,23 @@ pub(crate) fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sy
     v
 }
 
+/// A new buffer of `src.len()` f32 written alongside `src`, as [`par_new`]
+/// writes one: `f(s, d)` gets the same chunk of each (`d` zeroed just before).
+pub(crate) fn par_new_beside(src: &mut [f32], chunk: usize, f: impl Fn(&mut [f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let (n, chunk) = (src.len(), chunk.max(1));
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    src.par_chunks_mut(chunk).zip(v.spare_capacity_mut()[..n].par_chunks_mut(chunk)).for_each(|(s, c)| {
+        c.fill(MaybeUninit::new(0.0));
+        // SAFETY: every element of `c` was initialised on the line above, and
+        // MaybeUninit<f32> has f32's layout.
+        let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        f(s, c)
+    });
+    // SAFETY: each of the n elements was initialised by its chunk above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Two new buffers of `n` f32 written together, as [`par_new`] writes one:
 /// `f(start, a, b)` gets the same chunk of each, zeroed just before.
 pub(crate) fn par_new2(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync) -> (Vec<f32>, Vec<f32>) {
@@ -826,16 +843,19 @@ fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
     par_new(x.len(), 4096, |s, d| simd::gelu_bwd(&x[s..s + d.len()], &g[s..s + d.len()], d))
 }
 
-/// `gelu(x·Wᵀ + b)` for a frozen `W` in one pass on the bf16 tiles: GELU is
-/// applied to each block as it leaves the tile unit, instead of a second
-/// pass over the (M×out) activations. The pre-activations are kept only
-/// when the input tracks a gradient.
+/// `gelu(x·Wᵀ + b)` for a frozen `W` as one op. On the bf16 tiles GELU is
+/// applied to each block as it leaves the tile unit, and the
+/// pre-activations are kept when the input tracks a gradient. In f32 the
+/// GEMM's output buffer goes through GELU in place (no second M×out buffer
+/// and its page faults), and `gelu'` is kept instead, so the backward is a
+/// multiply and the input gradient.
 struct FrozenLinearGelu {
     weight: Tensor,
     bias: Option<Tensor>,
     packs: Option<Arc<Packs>>,
     keep: bool,
     pre: std::sync::Mutex<Option<Vec<f32>>>,
+    deriv: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl CustomOp1 for FrozenLinearGelu {
@@ -846,6 +866,16 @@ impl CustomOp1 for FrozenLinearGelu {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "frozen-linear-gelu")?;
         let shape = linear_out_shape(l, &self.weight, "frozen-linear-gelu")?;
+        if !amx::use_bf16(x.len() / l.dims().last().copied().unwrap_or(1).max(1)) {
+            let mut y = linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear-gelu")?;
+            if self.keep {
+                let d = par_new_beside(&mut y, 4096, simd::gelu_inplace_with_grad);
+                *self.deriv.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
+            } else {
+                y.par_chunks_mut(4096).for_each(simd::gelu_inplace);
+            }
+            return Ok((CpuStorage::F32(y), shape));
+        }
         let (y, pre) = linear_rows_bf16(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), true, self.keep, "frozen-linear-gelu")?;
         *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = pre;
         Ok((CpuStorage::F32(y), shape))
@@ -853,25 +883,32 @@ impl CustomOp1 for FrozenLinearGelu {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (out_f, in_f) = self.weight.dims2()?;
-        let pre = match self.pre.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            Some(p) => p,
-            None => candle_core::bail!("frozen-linear-gelu: backward without kept pre-activations (run the forward pass with a gradient-tracking input)"),
-        };
+        let deriv = self.deriv.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut pre = self.pre.lock().unwrap_or_else(|e| e.into_inner()).take();
         let g = grad.contiguous()?;
-        let m = pre.len() / out_f.max(1);
+        let m = g.elem_count() / out_f.max(1);
+        if deriv.as_ref().is_none_or(|d| d.len() != g.elem_count()) && pre.as_ref().is_none_or(|p| p.len() != g.elem_count()) {
+            // A second backward pass over the same graph: from the input.
+            let x = arg.contiguous()?;
+            pre = Some(with_f32(&x, "frozen-linear-gelu-bwd", |x| linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear-gelu-bwd"))??);
+        }
         let dx = with_f32(&g, "frozen-linear-gelu-bwd", |g| {
-            let dpre = gelu_grad(&pre, g);
+            let dpre = match (&deriv, &pre) {
+                (Some(d), _) if d.len() == g.len() => par_new(g.len(), 4096, |s, o| simd::mul_into(&g[s..s + o.len()], &d[s..s + o.len()], o)),
+                (_, Some(p)) => gelu_grad(p, g),
+                (_, None) => unreachable!("recomputed above"),
+            };
             with_f32(&self.weight, "frozen-linear-gelu-bwd", |w| input_grad(m, &dpre, w, out_f, in_f, self.packs.as_deref()))
         })??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 
-/// `gelu_erf(x·Wᵀ + b)` for a frozen `W`: fused on the bf16 tiles at bf16
-/// matmul precision, else [`frozen_linear_packed`] then [`gelu_erf`].
+/// `gelu_erf(x·Wᵀ + b)` for a frozen `W` as one op on the CPU (on the bf16
+/// tiles at bf16 matmul precision), else [`frozen_linear_packed`] then
+/// [`gelu_erf`] (also with `LORA_REFERENCE_LINEAR=1`).
 pub fn frozen_linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Arc<Packs>>) -> Result<Tensor> {
-    let m = x.elem_count() / x.dim(candle_core::D::Minus1)?.max(1);
-    if x.dtype() != DType::F32 || !x.device().is_cpu() || !amx::use_bf16(m) {
+    if x.dtype() != DType::F32 || !x.device().is_cpu() || weight.dtype() != DType::F32 || !weight.device().is_cpu() || crate::lora_op::reference_requested() {
         return gelu_erf(&frozen_linear_packed(x, weight, bias, packs)?);
     }
     let op = FrozenLinearGelu {
@@ -880,6 +917,7 @@ pub fn frozen_linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pa
         packs: packs.cloned(),
         keep: x.track_op(),
         pre: Default::default(),
+        deriv: Default::default(),
     };
     x.contiguous()?.apply_op1(op)
 }

@@ -384,6 +384,28 @@ multiversion! {
 }
 
 multiversion! {
+    /// `x = gelu(x)` in place: bit for bit [`gelu_fwd`]'s values.
+    pub(crate) fn gelu_inplace(x: &mut [f32]) {
+        for o in x.iter_mut() {
+            let v = *o;
+            *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+        }
+    }
+}
+
+multiversion! {
+    /// [`gelu_fwd_with_grad`] in place: `x = gelu(x)`, `dydx = gelu'(x)`.
+    pub(crate) fn gelu_inplace_with_grad(x: &mut [f32], dydx: &mut [f32]) {
+        for (o, dd) in x.iter_mut().zip(dydx.iter_mut()) {
+            let v = *o;
+            let e = erf(v * INV_SQRT2);
+            *o = 0.5 * v * (1.0 + e);
+            *dd = gelu_slope(v, e);
+        }
+    }
+}
+
+multiversion! {
     /// `d = a ⊙ b`.
     pub(crate) fn mul_into(a: &[f32], b: &[f32], d: &mut [f32]) {
         for (o, (x, y)) in d.iter_mut().zip(a.iter().zip(b)) {
