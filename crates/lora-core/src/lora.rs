@@ -614,10 +614,11 @@ mod tests {
 
     /// The fused bf16 linear+GELU equals the two-step bf16 path exactly
     /// (values and input gradient), and the f32 path within the bf16 bound.
-    /// The f32 fused linear+GELU (GELU in place on the GEMM's output, gelu'
-    /// kept for the backward) against the two ops: the same values and input
-    /// gradient bit for bit, a second backward pass over the same graph
-    /// (recomputed from the input) too, and the no-grad path.
+    /// The f32 fused linear+GELU (bias and GELU in place on the GEMM's
+    /// output, gelu' kept for the backward) against the two ops: the same
+    /// values and input gradient up to the order the bias is summed in
+    /// (1e-6 relative), a second backward pass over the same graph
+    /// (recomputed from the input) too, and the no-grad path bit for bit.
     #[test]
     fn fused_gelu_f32_equals_two_steps() {
         let l = Linear::frozen("i", rand(&[72, 40]), Some(rand(&[72])));
@@ -632,9 +633,10 @@ mod tests {
         };
         let (y_f, dx_f, dx2_f) = run(true);
         let (y_2, dx_2, _) = run(false);
-        assert_eq!(max_abs(&y_f, &y_2), 0.0);
-        assert_eq!(max_abs(&dx_f, &dx_2), 0.0);
-        assert!(max_abs(&dx2_f, &dx_2) < 1e-6);
+        let scale = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max_abs(&y_f, &y_2) <= 1e-6 * scale(&y_2), "values differ by {}", max_abs(&y_f, &y_2));
+        assert!(max_abs(&dx_f, &dx_2) <= 1e-6 * scale(&dx_2), "gradients differ by {}", max_abs(&dx_f, &dx_2));
+        assert!(max_abs(&dx2_f, &dx_2) <= 1e-6 * scale(&dx_2));
         assert!(dx_f.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         let _ng = crate::no_grad();
         let y_ng = l.forward_gelu(&x.as_tensor().detach(), false).unwrap();

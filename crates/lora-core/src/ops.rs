@@ -867,13 +867,27 @@ impl CustomOp1 for FrozenLinearGelu {
         let x = f32_slice(s, l, "frozen-linear-gelu")?;
         let shape = linear_out_shape(l, &self.weight, "frozen-linear-gelu")?;
         if !amx::use_bf16(x.len() / l.dims().last().copied().unwrap_or(1).max(1)) {
-            let mut y = linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear-gelu")?;
-            if self.keep {
-                let d = par_new_beside(&mut y, 4096, simd::gelu_inplace_with_grad);
-                *self.deriv.lock().unwrap_or_else(|e| e.into_inner()) = Some(d);
-            } else {
-                y.par_chunks_mut(4096).for_each(simd::gelu_inplace);
-            }
+            // The bias is added in the GELU pass: no broadcast pass over the
+            // output for the GEMM to accumulate onto.
+            let mut y = linear_rows(x, &self.weight, None, self.packs.as_deref(), "frozen-linear-gelu")?;
+            let out_f = self.weight.dims2()?.0;
+            let chunk = out_f * rows_per_task(out_f);
+            let deriv = match &self.bias {
+                Some(b) => with_f32(b, "frozen-linear-gelu", |b| {
+                    if self.keep {
+                        Some(par_new_beside(&mut y, chunk, |y, d| simd::gelu_bias_inplace_with_grad(y, b, d)))
+                    } else {
+                        y.par_chunks_mut(chunk).for_each(|y| simd::gelu_bias_inplace(y, b));
+                        None
+                    }
+                })?,
+                None if self.keep => Some(par_new_beside(&mut y, chunk, simd::gelu_inplace_with_grad)),
+                None => {
+                    y.par_chunks_mut(chunk).for_each(simd::gelu_inplace);
+                    None
+                }
+            };
+            *self.deriv.lock().unwrap_or_else(|e| e.into_inner()) = deriv;
             return Ok((CpuStorage::F32(y), shape));
         }
         let (y, pre) = linear_rows_bf16(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), true, self.keep, "frozen-linear-gelu")?;

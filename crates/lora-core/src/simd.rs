@@ -406,6 +406,34 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`gelu_inplace`] of `x + bias`, over rows of `bias.len()` columns
+    /// (`x` holds whole rows).
+    pub(crate) fn gelu_bias_inplace(x: &mut [f32], bias: &[f32]) {
+        for row in x.chunks_mut(bias.len().max(1)) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                let v = *o + *b;
+                *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`gelu_inplace_with_grad`] of `x + bias` (rows as [`gelu_bias_inplace`]).
+    pub(crate) fn gelu_bias_inplace_with_grad(x: &mut [f32], bias: &[f32], dydx: &mut [f32]) {
+        let w = bias.len().max(1);
+        for (row, drow) in x.chunks_mut(w).zip(dydx.chunks_mut(w)) {
+            for ((o, dd), b) in row.iter_mut().zip(drow.iter_mut()).zip(bias) {
+                let v = *o + *b;
+                let e = erf(v * INV_SQRT2);
+                *o = 0.5 * v * (1.0 + e);
+                *dd = gelu_slope(v, e);
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `d = a ⊙ b`.
     pub(crate) fn mul_into(a: &[f32], b: &[f32], d: &mut [f32]) {
         for (o, (x, y)) in d.iter_mut().zip(a.iter().zip(b)) {
