@@ -846,9 +846,10 @@ fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
 /// `gelu(x·Wᵀ + b)` for a frozen `W` as one op. On the bf16 tiles GELU is
 /// applied to each block as it leaves the tile unit, and the
 /// pre-activations are kept when the input tracks a gradient. In f32 the
-/// GEMM's output buffer goes through GELU in place (no second M×out buffer
-/// and its page faults), and `gelu'` is kept instead, so the backward is a
-/// multiply and the input gradient.
+/// GEMM writes the output buffer without the bias, and one pass adds the
+/// bias and applies GELU in place (no bias broadcast for the GEMM to
+/// accumulate onto, no second M×out buffer); `gelu'` is kept instead of the
+/// pre-activations, so the backward is a multiply and the input gradient.
 struct FrozenLinearGelu {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -873,6 +874,7 @@ impl CustomOp1 for FrozenLinearGelu {
             let out_f = self.weight.dims2()?.0;
             let chunk = out_f * rows_per_task(out_f);
             let deriv = match &self.bias {
+                Some(b) if b.elem_count() != out_f => candle_core::bail!("frozen-linear-gelu: bias has {} values, the layer {out_f} outputs", b.elem_count()),
                 Some(b) => with_f32(b, "frozen-linear-gelu", |b| {
                     if self.keep {
                         Some(par_new_beside(&mut y, chunk, |y, d| simd::gelu_bias_inplace_with_grad(y, b, d)))
