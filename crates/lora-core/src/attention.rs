@@ -18,6 +18,8 @@
 //! ([`attention_reference`]) draw identical masks.
 
 use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32};
+// dst = scale · lhs · rhs per (batch, head) block, single-threaded.
+use crate::small_mm::mm;
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -27,30 +29,6 @@ use rayon::prelude::*;
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
-
-/// `dst (m×n, row stride dst_rs) = beta · lhs (m×k) · rhs (k×n)`,
-/// single-threaded, without reading `dst` (see [`crate::small_mm`]).
-///
-/// # Safety
-/// The pointers with their strides must address valid memory for the shapes.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-unsafe fn mm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    rhs_cs: usize,
-    beta: f32,
-) {
-    crate::small_mm::mm(m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, beta)
-}
 
 struct Attention {
     heads: usize,
