@@ -621,7 +621,12 @@ mod tests {
     /// (recomputed from the input) too, and the no-grad path bit for bit.
     #[test]
     fn fused_gelu_f32_equals_two_steps() {
-        let l = Linear::frozen("i", rand(&[72, 40]), Some(rand(&[72])));
+        for bias in [Some(rand(&[72])), None] {
+            fused_gelu_f32_case(Linear::frozen("i", rand(&[72, 40]), bias));
+        }
+    }
+
+    fn fused_gelu_f32_case(l: Linear) {
         let x = Var::from_tensor(&rand(&[3, 11, 40])).unwrap();
         let g = rand(&[3, 11, 72]);
         let run = |fused: bool| {

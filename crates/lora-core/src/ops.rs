@@ -827,7 +827,7 @@ impl CustomOp1 for GeluErf {
         let g = grad.contiguous()?;
         let saved = self.deriv.lock().unwrap_or_else(|e| e.into_inner()).take();
         let dx = match saved {
-            Some(d) if d.len() == g.elem_count() => with_f32(&g, "gelu-bwd", |g| par_new(g.len(), 4096, |s, o| simd::mul_into(&g[s..s + o.len()], &d[s..s + o.len()], o)))?,
+            Some(d) if d.len() == g.elem_count() => with_f32(&g, "gelu-bwd", |g| mul_new(g, &d))?,
             // A second backward pass over the same graph: from the input.
             _ => {
                 let x = arg.contiguous()?;
@@ -836,6 +836,11 @@ impl CustomOp1 for GeluErf {
         };
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
+}
+
+/// `g ⊙ d` (a kept `gelu'` times the gradient), in parallel chunks.
+fn mul_new(g: &[f32], d: &[f32]) -> Vec<f32> {
+    par_new(g.len(), 4096, |s, o| simd::mul_into(&g[s..s + o.len()], &d[s..s + o.len()], o))
 }
 
 /// `g · gelu'(x)`, in parallel chunks.
@@ -873,21 +878,18 @@ impl CustomOp1 for FrozenLinearGelu {
             let mut y = linear_rows(x, &self.weight, None, self.packs.as_deref(), "frozen-linear-gelu")?;
             let out_f = self.weight.dims2()?.0;
             let chunk = out_f * rows_per_task(out_f);
-            let deriv = match &self.bias {
-                Some(b) if b.elem_count() != out_f => candle_core::bail!("frozen-linear-gelu: bias has {} values, the layer {out_f} outputs", b.elem_count()),
-                Some(b) => with_f32(b, "frozen-linear-gelu", |b| {
-                    if self.keep {
-                        Some(par_new_beside(&mut y, chunk, |y, d| simd::gelu_bias_inplace_with_grad(y, b, d)))
-                    } else {
-                        y.par_chunks_mut(chunk).for_each(|y| simd::gelu_bias_inplace(y, b));
-                        None
-                    }
-                })?,
-                None if self.keep => Some(par_new_beside(&mut y, chunk, simd::gelu_inplace_with_grad)),
-                None => {
-                    y.par_chunks_mut(chunk).for_each(simd::gelu_inplace);
+            let mut run = |b: Option<&[f32]>| {
+                if self.keep {
+                    Some(par_new_beside(&mut y, chunk, |y, d| simd::gelu_inplace_with_grad(y, b, d)))
+                } else {
+                    y.par_chunks_mut(chunk).for_each(|y| simd::gelu_inplace(y, b));
                     None
                 }
+            };
+            let deriv = match &self.bias {
+                Some(b) if b.elem_count() != out_f => candle_core::bail!("frozen-linear-gelu: bias has {} values, the layer {out_f} outputs", b.elem_count()),
+                Some(b) => with_f32(b, "frozen-linear-gelu", |b| run(Some(b)))?,
+                None => run(None),
             };
             *self.deriv.lock().unwrap_or_else(|e| e.into_inner()) = deriv;
             return Ok((CpuStorage::F32(y), shape));
@@ -910,7 +912,7 @@ impl CustomOp1 for FrozenLinearGelu {
         }
         let dx = with_f32(&g, "frozen-linear-gelu-bwd", |g| {
             let dpre = match (&deriv, &pre) {
-                (Some(d), _) if d.len() == g.len() => par_new(g.len(), 4096, |s, o| simd::mul_into(&g[s..s + o.len()], &d[s..s + o.len()], o)),
+                (Some(d), _) if d.len() == g.len() => mul_new(g, d),
                 (_, Some(p)) => gelu_grad(p, g),
                 (_, None) => unreachable!("recomputed above"),
             };

@@ -370,64 +370,64 @@ multiversion! {
     }
 }
 
+/// `(gelu(v), gelu'(v))`, sharing one erf.
+#[inline(always)]
+fn gelu_and_slope(v: f32) -> (f32, f32) {
+    let e = erf(v * INV_SQRT2);
+    (0.5 * v * (1.0 + e), gelu_slope(v, e))
+}
+
 multiversion! {
     /// `y = gelu(x)` and `dydx = gelu'(x) = Φ(x) + x·φ(x)` (for the backward
     /// pass, which is then one multiply): `y` bit for bit [`gelu_fwd`]'s, and
     /// `g·dydx` [`gelu_bwd`]'s.
     pub(crate) fn gelu_fwd_with_grad(x: &[f32], y: &mut [f32], dydx: &mut [f32]) {
         for ((o, dd), &v) in y.iter_mut().zip(dydx.iter_mut()).zip(x) {
-            let e = erf(v * INV_SQRT2);
-            *o = 0.5 * v * (1.0 + e);
-            *dd = gelu_slope(v, e);
+            (*o, *dd) = gelu_and_slope(v);
         }
     }
 }
 
 multiversion! {
-    /// `x = gelu(x)` in place: bit for bit [`gelu_fwd`]'s values.
-    pub(crate) fn gelu_inplace(x: &mut [f32]) {
-        for o in x.iter_mut() {
-            let v = *o;
-            *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
-        }
-    }
-}
-
-multiversion! {
-    /// [`gelu_fwd_with_grad`] in place: `x = gelu(x)`, `dydx = gelu'(x)`.
-    pub(crate) fn gelu_inplace_with_grad(x: &mut [f32], dydx: &mut [f32]) {
-        for (o, dd) in x.iter_mut().zip(dydx.iter_mut()) {
-            let v = *o;
-            let e = erf(v * INV_SQRT2);
-            *o = 0.5 * v * (1.0 + e);
-            *dd = gelu_slope(v, e);
-        }
-    }
-}
-
-multiversion! {
-    /// [`gelu_inplace`] of `x + bias`, over rows of `bias.len()` columns
-    /// (`x` holds whole rows).
-    pub(crate) fn gelu_bias_inplace(x: &mut [f32], bias: &[f32]) {
-        for row in x.chunks_mut(bias.len().max(1)) {
-            for (o, b) in row.iter_mut().zip(bias) {
-                let v = *o + *b;
-                *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+    /// `x = gelu(x + bias)` in place, the bias over rows of `bias.len()`
+    /// columns (`x` holds whole rows); without a bias bit for bit
+    /// [`gelu_fwd`]'s values.
+    pub(crate) fn gelu_inplace(x: &mut [f32], bias: Option<&[f32]>) {
+        match bias {
+            Some(bias) => {
+                for row in x.chunks_mut(bias.len().max(1)) {
+                    for (o, b) in row.iter_mut().zip(bias) {
+                        let v = *o + *b;
+                        *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+                    }
+                }
+            }
+            None => {
+                for o in x.iter_mut() {
+                    let v = *o;
+                    *o = 0.5 * v * (1.0 + erf(v * INV_SQRT2));
+                }
             }
         }
     }
 }
 
 multiversion! {
-    /// [`gelu_inplace_with_grad`] of `x + bias` (rows as [`gelu_bias_inplace`]).
-    pub(crate) fn gelu_bias_inplace_with_grad(x: &mut [f32], bias: &[f32], dydx: &mut [f32]) {
-        let w = bias.len().max(1);
-        for (row, drow) in x.chunks_mut(w).zip(dydx.chunks_mut(w)) {
-            for ((o, dd), b) in row.iter_mut().zip(drow.iter_mut()).zip(bias) {
-                let v = *o + *b;
-                let e = erf(v * INV_SQRT2);
-                *o = 0.5 * v * (1.0 + e);
-                *dd = gelu_slope(v, e);
+    /// [`gelu_inplace`] that also writes `dydx = gelu'(x + bias)`.
+    pub(crate) fn gelu_inplace_with_grad(x: &mut [f32], bias: Option<&[f32]>, dydx: &mut [f32]) {
+        match bias {
+            Some(bias) => {
+                let w = bias.len().max(1);
+                for (row, drow) in x.chunks_mut(w).zip(dydx.chunks_mut(w)) {
+                    for ((o, dd), b) in row.iter_mut().zip(drow.iter_mut()).zip(bias) {
+                        (*o, *dd) = gelu_and_slope(*o + *b);
+                    }
+                }
+            }
+            None => {
+                for (o, dd) in x.iter_mut().zip(dydx.iter_mut()) {
+                    (*o, *dd) = gelu_and_slope(*o);
+                }
             }
         }
     }
