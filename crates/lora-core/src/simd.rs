@@ -300,15 +300,14 @@ pub fn fast_exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.clamp(-87.0, 88.0);
-    let r = xc.mul_add(std::f32::consts::LOG2_E, MAGIC);
+    let r = xc * std::f32::consts::LOG2_E + MAGIC;
     let n = r - MAGIC;
-    let f = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, xc));
-    // Horner on fused multiply-adds (one rounding per step, and half the
-    // instructions of separate multiplies and adds).
-    let mut p = 1.0f32 / 720.0;
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(f, c);
-    }
+    let f = (xc - n * LN2_HI) - n * LN2_LO;
+    // Separate multiplies and adds, no `mul_add`: this is also called from
+    // code compiled for baseline x86-64, where `mul_add` is a libm call
+    // (a 50% slower decoder step when it was).
+    let p = 1.0
+        + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
     let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let e = f32::from_bits(((ni + 127) << 23) as u32) * p;
     if x < -87.0 {
@@ -321,8 +320,9 @@ pub fn fast_exp(x: f32) -> f32 {
 /// erf in f32: the rational approximation of Eigen and XLA,
 /// `x·P(x²)/Q(x²)` on x clamped to [-4, 4] (beyond, erf is ±1 in f32).
 /// Max abs error ~4e-7 (checked against f64 erf in the tests); no `exp`
-/// and no division (`1/Q` by Newton's iteration, [`recip_pos`]), so loops
-/// over it are fused multiply-adds.
+/// and no division (`1/Q` by Newton's iteration, [`recip_pos`]): the
+/// divider had stalled the GELU kernels. No `mul_add` either (see
+/// [`fast_exp`]).
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
     // The published coefficients (Eigen's generic_fast_erf_float), rounded
@@ -341,26 +341,27 @@ pub fn erf(x: f32) -> f32 {
     let x2 = x * x;
     let mut p = A[0] as f32;
     for c in &A[1..] {
-        p = p.mul_add(x2, *c as f32);
+        p = p * x2 + *c as f32;
     }
     let mut q = B[0] as f32;
     for c in &B[1..] {
-        q = q.mul_add(x2, *c as f32);
+        q = q * x2 + *c as f32;
     }
     // q = Q(x²) lies in [-2.4, -0.0142] on [-4, 4]: its reciprocal by
     // Newton's iteration from the exponent-bits guess instead of a division
     // (which stalled the GELU kernels on the divider).
-    x * p * -recip_pos(-q)
+    // The reciprocal's last ulp can carry erf(±4) just past ±1.
+    (x * p * -recip_pos(-q)).clamp(-1.0, 1.0)
 }
 
 /// `1/a` for a positive normal `a` without a division: the bit-trick guess
 /// (relative error <= 12.5%) and three Newton steps (12.5% -> 1.6% -> 2.4e-4
-/// -> 6e-8), each `r += r·(1 − a·r)` on fused multiply-adds.
+/// -> 6e-8), each `r += r·(1 − a·r)`.
 #[inline(always)]
 fn recip_pos(a: f32) -> f32 {
     let mut r = f32::from_bits(0x7EF3_11C3u32.wrapping_sub(a.to_bits()));
     for _ in 0..3 {
-        r = r.mul_add((-a).mul_add(r, 1.0), r);
+        r += r * (1.0 - a * r);
     }
     r
 }
