@@ -347,10 +347,8 @@ pub fn erf(x: f32) -> f32 {
     for c in &B[1..] {
         q = q * x2 + *c as f32;
     }
-    // q = Q(x²) lies in [-2.4, -0.0142] on [-4, 4]: its reciprocal by
-    // Newton's iteration from the exponent-bits guess instead of a division
-    // (which stalled the GELU kernels on the divider).
-    // The reciprocal's last ulp can carry erf(±4) just past ±1.
+    // q = Q(x²) lies in [-2.4, -0.0142] on [-4, 4], so -q is a positive
+    // normal; the reciprocal's last ulp can carry erf(±4) just past ±1.
     (x * p * -recip_pos(-q)).clamp(-1.0, 1.0)
 }
 
