@@ -480,6 +480,18 @@ def md_gemm(p):
     return header(p, "f32 GEMM (`lora bench --mode gemm` vs gemm_bench.py)") + table(rows) + note
 
 
+def md_gpu(path):
+    """The GPU section: the last bench/gpu_bench.py run kept in results/gpu.json (measured
+    where a GPU was lent; this script does not run it, it only keeps the section)."""
+    if not path.exists():
+        return None
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gpu_bench
+    d = json.loads(path.read_text())
+    return ("### On a GPU: fixed-shape step and CUDA tests (`bench/gpu_bench.py` vs peft_bench.py --device cuda)\n\n"
+            + gpu_bench.markdown(d.get("run", d)) + "\n" + d.get("summary", "") + "\n")
+
+
 def machine_peak(p):
     if not p:
         return None
@@ -609,6 +621,9 @@ def main():
             md.append(md_decoder(v, peak))
         else:
             md.append(md_gemm(v))
+    gpu = md_gpu(out_dir / "gpu.json")
+    if gpu:
+        md.append(gpu)
     text = "\n".join(md)
     Path(a.md).write_text(text)
     print(text)

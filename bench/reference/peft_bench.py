@@ -7,7 +7,7 @@ Run (with the reference venv made by scripts/reference/setup_venv.sh):
     VENV=${LORA_REF_VENV:-$HOME/.cache/lora-rs/venv}
     $VENV/bin/python bench/reference/peft_bench.py                # random MiniLM-L6-shaped BERT
     $VENV/bin/python bench/reference/peft_bench.py --model ~/.cache/lora-rs/models/all-MiniLM-L6-v2
-    options: --threads 2 --steps 10 --batch 32 --seq-len 128 --infer-reps 10 [--bf16]
+    options: --threads 2 --steps 10 --batch 32 --seq-len 128 --infer-reps 10 [--bf16] [--device cuda]
 
 Workload: BertForSequenceClassification with the all-MiniLM-L6-v2 shape (hidden 384,
 6 layers, 12 heads, FFN 1536, vocab 30522, 512 positions), 4 labels, random init
@@ -33,6 +33,10 @@ Measures (medians of wall-clock times, samples/s = batch / median seconds):
                                  Benchmark on an otherwise idle machine.
   peak_rss_mb_train / _infer     ru_maxrss of each measuring process (the infer one holds
                                  base, adapter and merged copies: 3 x ~90 MB of weights)
+  peak_gpu_mb_train / _infer     --device cuda: torch.cuda.max_memory_allocated (tensors only,
+                                 without the CUDA context and the caching allocator's slack)
+On --device cuda every timed step ends with torch.cuda.synchronize(), and --bf16 is
+torch.autocast('cuda', dtype=torch.bfloat16).
 Training and inference run in separate subprocesses (--mode train / --mode infer) so each
 peak RSS is its own; without --mode this script runs both and prints ONE JSON object on
 stdout (progress goes to stderr).
@@ -62,7 +66,21 @@ def peak_rss_mb():
 def autocast(args):
     import contextlib
     import torch
-    return torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    kind = "cuda" if args.device.startswith("cuda") else "cpu"
+    return torch.autocast(kind, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+
+
+def sync(args):
+    import torch
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def gpu_peak(args, key):
+    import torch
+    if not args.device.startswith("cuda"):
+        return {}
+    return {key: torch.cuda.max_memory_allocated() / 2**20}
 
 
 def build(args):
@@ -80,7 +98,7 @@ def build(args):
                             max_position_embeddings=512, type_vocab_size=2,
                             hidden_act="gelu", layer_norm_eps=1e-12, num_labels=LABELS)
         model = BertForSequenceClassification(config)
-    model = model.float()
+    model = model.float().to(args.device)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                       target_modules=["query", "value"])  # classifier -> modules_to_save
     return model, lora, get_peft_model
@@ -93,7 +111,8 @@ def inputs(args, vocab):
     mask = torch.ones(args.batch, args.seq_len, dtype=torch.int64)
     types = torch.zeros(args.batch, args.seq_len, dtype=torch.int64)
     labels = torch.randint(0, LABELS, (args.batch,), generator=g, dtype=torch.int64)
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, labels
+    d = args.device
+    return {"input_ids": ids.to(d), "attention_mask": mask.to(d), "token_type_ids": types.to(d)}, labels.to(d)
 
 
 def mode_train(args):
@@ -113,6 +132,7 @@ def mode_train(args):
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(args)
         dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if step >= 2:
             times.append(dt)
@@ -124,7 +144,7 @@ def mode_train(args):
             "train_step_cpu_s_median": statistics.median(cpu),
             "trainable_params": trainable, "total_params": total,
             "attn_implementation": model.config._attn_implementation,
-            "peak_rss_mb_train": peak_rss_mb()}
+            "peak_rss_mb_train": peak_rss_mb(), **gpu_peak(args, "peak_gpu_mb_train")}
 
 
 def mode_infer(args):
@@ -148,6 +168,7 @@ def mode_infer(args):
                 t0, c0 = time.perf_counter(), time.process_time()
                 with autocast(args):
                     m(**batch)
+                sync(args)
                 rnd[name] = time.perf_counter() - t0
                 if i >= 1:
                     times[name].append(rnd[name])
@@ -166,7 +187,7 @@ def mode_infer(args):
             "infer_samples_per_s_merged": b / med["merged"],
             "infer_samples_per_s_base": b / med["base"],
             **{f"infer_cpu_s_median_{k}": statistics.median(v) for k, v in cpu.items()},
-            "peak_rss_mb_infer": peak_rss_mb()}
+            "peak_rss_mb_infer": peak_rss_mb(), **gpu_peak(args, "peak_gpu_mb_infer")}
 
 
 def main():
@@ -181,6 +202,7 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="run forward passes under torch.autocast('cpu', dtype=torch.bfloat16), as "
                          "Trainer(bf16=True) does: linears and attention matmuls in bf16 (oneDNN/AMX), weights f32")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     args = ap.parse_args()
 
     if args.mode:
@@ -198,6 +220,7 @@ def main():
               "transformers": transformers.__version__, "peft": peft.__version__,
               "threads": args.threads, "model": args.model or "random-init MiniLM-L6 shape",
               "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "bf16": args.bf16,
+              "device": args.device,
               "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "targets": ["query", "value"],
                        "modules_to_save": ["classifier"], "optimizer": "AdamW lr 5e-4"}}
     for mode in ("train", "infer"):
@@ -205,7 +228,7 @@ def main():
                "--threads", str(args.threads), "--steps", str(args.steps),
                "--infer-reps", str(args.infer_reps), "--batch", str(args.batch),
                "--seq-len", str(args.seq_len)] + (["--model", args.model] if args.model else []) \
-            + (["--bf16"] if args.bf16 else [])
+            + (["--bf16"] if args.bf16 else []) + ["--device", args.device]
         log(f"== {mode}")
         p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if p.returncode != 0:

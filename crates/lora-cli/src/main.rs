@@ -42,7 +42,9 @@ struct Cli {
     /// Precision of the frozen-weight matmuls: f32 (default, exact) or bf16
     /// (inputs and weights rounded to bf16, sums in f32, on Intel AMX tiles:
     /// ~2-3x faster GEMMs; like PyTorch's set_float32_matmul_precision("medium")).
-    /// LoRA weights, their gradients, attention and norms stay f32.
+    /// LoRA weights, their gradients, attention and norms stay f32. With
+    /// --device cuda, bf16 is cuBLAS's as torch.autocast computes it: linears
+    /// and attention products with bf16 inputs, f32 sums (no AMX needed).
     #[arg(long, global = true, value_name = "f32|bf16")]
     matmul_precision: Option<lora_core::amx::MatmulPrecision>,
     /// Where the model computes: cpu (default), cuda (= cuda:0), cuda:N, or auto
@@ -114,26 +116,32 @@ fn main() {
         }
         let _ = rayon_pool(n);
     }
+    let model_cmd = matches!(
+        cli.cmd,
+        Cmd::Train(_) | Cmd::Eval(_) | Cmd::Predict(_) | Cmd::Generate(_) | Cmd::Chat(_) | Cmd::Bench(_)
+    );
+    let device = cli.device.open();
     if let Some(p) = cli.matmul_precision {
-        if let Err(e) = lora_core::amx::set_matmul_precision(p) {
-            eprintln!("error: --matmul-precision {p}: {e}");
-            std::process::exit(2);
-        }
-        if p == lora_core::amx::MatmulPrecision::Bf16 {
-            eprintln!("matmul precision: bf16 (frozen-weight GEMMs on AMX tiles, f32 sums; adapter, attention and norms in f32)");
+        let bf16 = p == lora_core::amx::MatmulPrecision::Bf16;
+        if matches!(&device, Ok(d) if !d.is_cpu() && model_cmd) {
+            // bf16 on a GPU is cuBLAS's, autocast-style: no AMX needed.
+            lora_core::amx::set_gpu_matmul_precision(p);
+            if bf16 {
+                eprintln!("matmul precision: bf16 (frozen-weight matmuls and attention products with bf16 inputs on cuBLAS, f32 sums; adapter, norms, softmax and optimizer in f32)");
+            }
+        } else {
+            if let Err(e) = lora_core::amx::set_matmul_precision(p) {
+                eprintln!("error: --matmul-precision {p}: {e}");
+                std::process::exit(2);
+            }
+            if bf16 {
+                eprintln!("matmul precision: bf16 (frozen-weight GEMMs on AMX tiles, f32 sums; adapter, attention and norms in f32)");
+            }
         }
     }
-    match cli.device.open() {
+    match device {
         Ok(d) => {
-            let model_cmd = matches!(
-                cli.cmd,
-                Cmd::Train(_) | Cmd::Eval(_) | Cmd::Predict(_) | Cmd::Generate(_) | Cmd::Chat(_) | Cmd::Bench(_)
-            );
             if !d.is_cpu() {
-                if cli.matmul_precision == Some(lora_core::amx::MatmulPrecision::Bf16) {
-                    eprintln!("error: --matmul-precision bf16 is a CPU mode (AMX tiles); on {} the model computes in f32", lora_core::device::name(&d));
-                    std::process::exit(2);
-                }
                 if model_cmd {
                     eprintln!("device: {}", lora_core::device::name(&d));
                 } else {

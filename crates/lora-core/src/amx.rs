@@ -62,6 +62,15 @@ pub fn set_matmul_precision(p: MatmulPrecision) -> Result<(), String> {
     Ok(())
 }
 
+/// Sets the precision for a run on a GPU, where bf16 is cuBLAS's (no AMX
+/// needed): frozen-weight matmuls and attention products then round their
+/// inputs to bf16 ([`crate::ops::device_matmul`]). CPU kernels that run in
+/// the same process (none do on a GPU run) would take the AMX path, so call
+/// this only once the model's device is known to be a GPU.
+pub fn set_gpu_matmul_precision(p: MatmulPrecision) {
+    PRECISION.store(p as u8 + 1, Ordering::Relaxed);
+}
+
 /// Whether `p` can run here (bf16 needs [`available`]).
 fn check(p: MatmulPrecision) -> Result<(), String> {
     match (p, enabled()) {

@@ -17,7 +17,7 @@
 //! from the same seed sequence, so the fused op and the reference path
 //! ([`attention_reference`]) draw identical masks.
 
-use crate::ops::{dropout, masked_softmax, next_dropout_seed, with_f32};
+use crate::ops::{device_matmul, dropout, masked_softmax, next_dropout_seed, with_f32};
 // dst = scale · lhs · rhs per (batch, head) block, single-threaded.
 use crate::small_mm::mm;
 use crate::simd::{self, Mask};
@@ -248,12 +248,12 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, he
     let split = |y: &Tensor, t: usize| -> Result<Tensor> { y.reshape((b, t, heads, d))?.transpose(1, 2)?.contiguous() };
     let q = split(&(q * (1.0 / (d as f64).sqrt()))?, tq)?;
     let (k, v) = (split(k, t)?, split(v, t)?);
-    let scores = q.matmul(&k.t()?)?;
+    let scores = device_matmul(&q, &k.t()?)?;
     let mut probs = masked_softmax(&scores, mask)?;
     if train && p > 0.0 {
         probs = dropout(&probs, p)?;
     }
-    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, tq, h))
+    device_matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, tq, h))
 }
 
 #[cfg(test)]

@@ -54,12 +54,53 @@ impl DeviceSpec {
     pub fn open(self) -> Result<Device, String> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Auto => Ok(if cuda_built() { Device::new_cuda(0).unwrap_or(Device::Cpu) } else { Device::Cpu }),
+            Self::Auto => Ok(if cuda_built() { Device::new_cuda(0).map(prepared).unwrap_or(Device::Cpu) } else { Device::Cpu }),
             Self::Cuda(_) if !cuda_built() => {
                 Err("this binary was built without CUDA support (build it with scripts/build_cuda.sh, see docs/cuda.md)".into())
             }
             Self::Cuda(n) => Device::new_cuda(n)
+                .map(prepared)
                 .map_err(|e| format!("CUDA device {n} cannot be opened: {}", crate::weights::first_line(&e.to_string()))),
+        }
+    }
+}
+
+/// Sets a GPU up for training loops; returns it. candle allocates through
+/// CUDA's stream-ordered pool (`cuMemAllocAsync`), whose release threshold
+/// is 0 by default: at every synchronisation (each loss read, each copy of
+/// the gradients to the host) the pool hands all freed memory back to the
+/// driver, and the next step maps it again, page by page. On an H200 that
+/// re-mapping took most of a training step (batch 128: 109 ms a step with
+/// it, see docs/cuda.md). Here the pool keeps what it has (threshold:
+/// unlimited), as PyTorch's caching allocator does; the process then holds
+/// its peak GPU memory until it exits. `LORA_CUDA_POOL_RELEASE=1` keeps
+/// CUDA's default (for A/B runs). Does nothing to the CPU.
+pub fn prepared(d: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let candle_core::DeviceLocation::Cuda { gpu_id } = d.location() {
+        if !std::env::var("LORA_CUDA_POOL_RELEASE").is_ok_and(|v| v == "1") {
+            keep_freed_gpu_memory(gpu_id);
+        }
+    }
+    d
+}
+
+#[cfg(feature = "cuda")]
+fn keep_freed_gpu_memory(ordinal: usize) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    // SAFETY: the device handle comes from the driver for an ordinal that
+    // candle has just opened; the attribute takes a pointer to a u64.
+    unsafe {
+        let Ok(dev) = result::device::get(ordinal as i32) else { return };
+        let Ok(pool) = result::device::get_mem_pool(dev) else { return };
+        let mut keep = u64::MAX;
+        let r = sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut std::ffi::c_void,
+        );
+        if r != sys::CUresult::CUDA_SUCCESS {
+            eprintln!("warning: cuda:{ordinal}: the memory pool keeps CUDA's default release threshold ({r:?})");
         }
     }
 }

@@ -611,7 +611,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// (used at bf16 matmul precision; the caller drops it when `weight` changes).
 pub fn frozen_linear_packed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Arc<Packs>>) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        let y = x.broadcast_matmul(&weight.t()?)?;
+        let y = device_matmul(x, &weight.t()?)?;
         return match bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -623,6 +623,27 @@ pub fn frozen_linear_packed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, 
         packs: packs.cloned(),
     };
     x.contiguous()?.apply_op1(op)
+}
+
+/// `a·b` (broadcast over leading dims) where a GPU computes it: at bf16
+/// matmul precision on a GPU (`--device cuda --matmul-precision bf16`) both
+/// sides are rounded to bf16, cuBLAS multiplies them with f32 sums, and the
+/// product comes back as f32, as `torch.autocast('cuda', dtype=torch.bfloat16)`
+/// computes linears and attention products (rounding each call, the weight
+/// too, as autocast does for frozen weights). Otherwise, and always on the CPU
+/// (whose bf16 mode is the AMX kernel of [`frozen_linear`]), the f32 product.
+/// Gradients flow through the casts (their backward casts back).
+pub fn device_matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if gpu_bf16(a) {
+        let (a16, b16) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+        return a16.broadcast_matmul(&b16)?.to_dtype(DType::F32);
+    }
+    a.broadcast_matmul(b)
+}
+
+/// Whether [`device_matmul`] takes its bf16 path for `a`.
+fn gpu_bf16(a: &Tensor) -> bool {
+    !a.device().is_cpu() && a.dtype() == DType::F32 && amx::matmul_precision() == amx::MatmulPrecision::Bf16
 }
 
 pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {

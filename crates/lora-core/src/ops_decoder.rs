@@ -435,7 +435,7 @@ impl CustomOp1 for FrozenQLinear {
 pub fn frozen_qlinear(x: &Tensor, weight: &Arc<QTensor>) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         let w = weight.dequantize(x.device())?;
-        return x.broadcast_matmul(&w.t()?);
+        return crate::ops::device_matmul(x, &w.t()?);
     }
     x.contiguous()?.apply_op1(FrozenQLinear { weight: weight.clone() })
 }

@@ -223,9 +223,9 @@ impl Attention {
         // Grouped-query attention without copying K/V: the `rep` query heads of
         // one KV head are stacked along the row axis.
         let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, tk))?; // (B, nh, T, Tk)
+        let scores = lora_core::ops::device_matmul(&qg, &k.t()?)?.reshape((b, nh, t, tk))?; // (B, nh, T, Tk)
         let p = causal_softmax(&scores, offset)?.reshape((b, nkv, rep * t, tk))?;
-        let y = p.matmul(&v)?.reshape((b, nh, t, hd))?; // (B, nh, T, hd)
+        let y = lora_core::ops::device_matmul(&p, &v)?.reshape((b, nh, t, hd))?; // (B, nh, T, hd)
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o.forward(&y, train)
     }
