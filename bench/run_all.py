@@ -2,7 +2,7 @@
 """All benchmarks, `lora` (Rust/candle) against PyTorch (+ PEFT, + transformers Trainer), in one command.
 
     python3 bench/run_all.py [--parts fixed,fixed-bf16,e2e,e2e-bf16,decoder,gemm] [--rounds 3] [--threads 2]
-        [--steps 10] [--decoder-steps 10] [--decoder-warmup 2] [--decoder-batch 4] [--decoder-seq-len 128]
+        [--steps 10] [--infer-reps 30] [--decoder-steps 10] [--decoder-warmup 2] [--decoder-batch 4] [--decoder-seq-len 128]
         [--gemm-sizes 1024,2048] [--gemm-steps 10]
         [--e2e-epochs 3] [--e2e-limit N] [--e2e-max-steps N]
         [--out bench/results] [--md bench/RESULTS.md] [--lora-bin target/release/lora]
@@ -18,7 +18,10 @@ on every other round so that drift in machine load hits both alike; each tool ru
 process, so each peak RSS is its own; the tables show medians over the rounds):
   fixed    `lora bench --mode train|infer` vs bench/reference/peft_bench.py: MiniLM-L6 shape,
            random weights, batch 32 x 128, LoRA r=8 alpha=16 dropout 0.1 on query,value + 4-class
-           head, AdamW; median of --steps steps after 2 warm-up steps.
+           head, AdamW; training: median of --steps steps after 2 warm-up steps; inference:
+           --infer-reps rounds of the three variants (base, unmerged, merged) in turn, medians
+           per variant and of the per-round time ratios (at 10 rounds the unmerged/merged ratio
+           swung from 1.01 to 1.07 between runs of the same binary; at 30 it held at 1.006-1.009).
   e2e      the real job: `lora train` on all-MiniLM-L6-v2 and the VADER sentiment data with the
            main job's settings (scripts/demo.sh: 3 epochs, lr 5e-4, batch 32, max length 128,
            r=8 alpha=16 dropout 0.1 on query,value + classifier, seed 0), then `lora eval` on the
@@ -189,15 +192,16 @@ def run_fixed(a, py, rnd, ours, theirs, bf16=False):
     for mode in ("train", "infer"):
         def o():
             log(f"  fixed {mode}: lora{' bf16' if bf16 else ''}")
+            steps = a.steps if mode == "train" else a.infer_reps
             collect(ours, last_json(Child.run([a.lora_bin, "--threads", a.threads, "bench", "--mode", mode,
-                                               "--steps", a.steps, "--json"]
+                                               "--steps", steps, "--json"]
                                               + (["--matmul-precision", "bf16"] if bf16 else []))[0]))
 
         def t():
             log(f"  fixed {mode}: pytorch+peft{' bf16 autocast' if bf16 else ''}")
             collect(theirs, last_json(Child.run([py, ROOT / "bench/reference/peft_bench.py", "--mode", mode,
                                                  "--threads", a.threads, "--steps", a.steps,
-                                                 "--infer-reps", a.steps] + (["--bf16"] if bf16 else []))[0]))
+                                                 "--infer-reps", a.infer_reps] + (["--bf16"] if bf16 else []))[0]))
         for f in ((o, t) if rnd % 2 == 0 else (t, o)):
             f()
 
@@ -380,7 +384,9 @@ def md_fixed(p, peak, f32=None):
             f"{fl['train'] / 1e9:.1f} GFLOP per training step, {fl['forward_base'] / 1e9:.1f} GFLOP per base "
             f"inference pass (as transformers computes them; ours runs the last layer for [CLS] alone, ~14% "
             f"fewer, so our GFLOP/s and share are effective). GEMM peak {fmt(peak)} GFLOP/s (gemm part, f32). "
-            f"Ratios are ours/theirs.\n")
+            f"Each run: training, the median of {p.get('settings', {}).get('steps', '?')} steps; inference, "
+            f"{p.get('settings', {}).get('infer_reps', p.get('settings', {}).get('steps', '?'))} rounds of the three "
+            f"variants in turn. Ratios are ours/theirs.\n")
     if bf16:
         note += ("\nbf16: ours `--matmul-precision bf16` (frozen-weight GEMMs with bf16 inputs and f32 sums on AMX "
                  "tiles; LoRA, attention, norms and the optimizer in f32); PyTorch `torch.autocast('cpu', "
@@ -507,7 +513,8 @@ def main():
     ap.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=10, help="fixed: timed steps per run")
+    ap.add_argument("--steps", type=int, default=10, help="fixed: timed training steps per run")
+    ap.add_argument("--infer-reps", type=int, default=30, help="fixed: timed inference rounds per run (each tool)")
     ap.add_argument("--decoder-steps", type=int, default=10)
     ap.add_argument("--decoder-warmup", type=int, default=2)
     ap.add_argument("--decoder-batch", type=int, default=4)
@@ -523,12 +530,15 @@ def main():
     ap.add_argument("--lora-bin", default=str(ROOT / "target/release/lora"))
     ap.add_argument("--out", default=str(ROOT / "bench/results"))
     ap.add_argument("--md", default=str(ROOT / "bench/RESULTS.md"))
+    ap.add_argument("--md-only", action="store_true", help="run nothing: rewrite --md from --out's latest.json")
     a = ap.parse_args()
+    if a.md_only:
+        a.parts, a.rounds = "", 0
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     bad = [p for p in parts if p not in PARTS]
-    if bad or not parts:
+    if bad or not (parts or a.md_only):
         sys.exit(f"--parts: unknown {bad}; choose from {', '.join(PARTS)}")
-    if a.rounds < 1:
+    if a.rounds < 1 and not a.md_only:
         sys.exit("--rounds must be at least 1")
     if not Path(a.lora_bin).is_file():
         sys.exit(f"{a.lora_bin} not found: cargo build --release -p lora-cli")
@@ -549,7 +559,7 @@ def main():
                                     "ours": prev["ours"], "theirs": prev["theirs"],
                                     "medians": {s: {k: med(prev[s], k) for k in prev[s]} for s in ("ours", "theirs")},
                                     "note": "from the earlier compare.py (2 rounds x 6 steps)"}}} if "ours" in prev else {"parts": {}}
-    a.threads, a.steps = str(a.threads), str(a.steps)
+    a.threads, a.steps, a.infer_reps = str(a.threads), str(a.steps), str(a.infer_reps)
     for k in ("decoder_steps", "decoder_warmup", "decoder_batch", "decoder_seq_len", "gemm_steps", "e2e_epochs", "e2e_max_steps"):
         setattr(a, k, str(getattr(a, k)))
     a.e2e_max_steps = a.e2e_max_steps if a.e2e_max_steps != "0" else None
@@ -573,8 +583,8 @@ def main():
                 else:
                     run_gemm(a, py, rnd, R["ours"], R["theirs"])
     settings = {
-        "fixed": {"steps": int(a.steps), "batch": 32, "seq_len": 128},
-        "fixed-bf16": {"steps": int(a.steps), "batch": 32, "seq_len": 128, "precision": "bf16"},
+        "fixed": {"steps": int(a.steps), "infer_reps": int(a.infer_reps), "batch": 32, "seq_len": 128},
+        "fixed-bf16": {"steps": int(a.steps), "infer_reps": int(a.infer_reps), "batch": 32, "seq_len": 128, "precision": "bf16"},
         "e2e": {"data": a.e2e_data, "model": a.e2e_model, "epochs": int(a.e2e_epochs), "limit": a.e2e_limit,
                 "max_steps": int(a.e2e_max_steps) if a.e2e_max_steps else None},
         "e2e-bf16": {"data": a.e2e_data, "model": a.e2e_model, "epochs": int(a.e2e_epochs), "limit": a.e2e_limit,
