@@ -17,15 +17,16 @@
 //! repository's root.
 #![cfg(feature = "cuda")]
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use lora_core::amx::{set_gpu_matmul_precision, MatmulPrecision};
-use lora_models::BertInput;
 use lora_tasks::causal::data::LmExample;
 use lora_tasks::causal::{build_causal, LmAdapter};
 use lora_tasks::classify::adapter::{build_classifier, AdapterSource};
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
+
+mod common;
+
+use common::{assert_on, bert_input, fixtures, load, max_abs};
 
 /// The matmul precision is process-wide: tests that run the models hold this.
 static PRECISION: Mutex<()> = Mutex::new(());
@@ -34,43 +35,8 @@ fn gpu() -> Device {
     Device::new_cuda(0).expect("the cuda reference tests need CUDA device 0")
 }
 
-fn fixtures() -> PathBuf {
-    if let Some(d) = std::env::var_os("LORA_FIXTURES") {
-        return PathBuf::from(d);
-    }
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
-    if built.is_dir() {
-        built
-    } else {
-        PathBuf::from("tests/fixtures")
-    }
-}
-
-fn load(path: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_device(&Device::Cpu).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap();
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
 fn largest(a: &Tensor) -> f32 {
     a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn on_gpu(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cuda(_))
-}
-
-fn bert_input(e: &HashMap<String, Tensor>, d: &Device) -> BertInput {
-    BertInput {
-        input_ids: e["input_ids"].to_dtype(DType::U32).unwrap().to_device(d).unwrap(),
-        token_type_ids: e["token_type_ids"].to_dtype(DType::U32).unwrap().to_device(d).unwrap(),
-        attention_mask: e["attention_mask"].to_dtype(DType::F32).unwrap().to_device(d).unwrap(),
-    }
 }
 
 /// PEFT's BERT adapters (plain and rsLoRA) on the GPU: PEFT's logits, merged
@@ -78,25 +44,8 @@ fn bert_input(e: &HashMap<String, Tensor>, d: &Device) -> BertInput {
 #[test]
 fn bert_peft_adapters_give_peft_logits_on_gpu() {
     let _g = PRECISION.lock().unwrap_or_else(|p| p.into_inner());
-    let dev = gpu();
-    let e = load(fixtures().join("tiny-bert-peft/expected.safetensors"));
-    let model = fixtures().join("tiny-bert/model");
-    for (name, key, merged_key) in [("adapter", "logits", "logits_merged"), ("adapter_rslora", "logits_rslora", "logits_rslora_merged")] {
-        let clf = build_classifier(&model, AdapterSource::Saved(&fixtures().join("tiny-bert-peft").join(name)), &dev).unwrap();
-        let inp = bert_input(&e, &dev);
-        let logits = clf.model.forward(&inp, false).unwrap();
-        assert!(on_gpu(&logits), "{name}: logits left the GPU");
-        let d = max_abs(&logits, &e[key]);
-        assert!(d < 1e-4, "{name}: logits differ from PEFT by {d} on the GPU");
-        let w0: Vec<Tensor> = clf.adapters.lora_layers.iter().map(|l| l.weight().unwrap().copy().unwrap()).collect();
-        clf.adapters.merge_all().unwrap();
-        let d = max_abs(&clf.model.forward(&inp, false).unwrap(), &e[merged_key]);
-        assert!(d < 1e-4, "{name}: merged logits differ from PEFT by {d} on the GPU");
-        clf.adapters.unmerge_all().unwrap();
-        for (l, w) in clf.adapters.lora_layers.iter().zip(w0) {
-            assert!(max_abs(&l.weight().unwrap(), &w) < 1e-6, "unmerge did not restore {}", l.path());
-        }
-    }
+    common::check_bert_peft_adapter(&gpu(), "adapter", "logits", "logits_merged");
+    common::check_bert_peft_adapter(&gpu(), "adapter_rslora", "logits_rslora", "logits_rslora_merged");
 }
 
 /// bf16 matmul precision on the GPU: logits near PEFT's f32 logits.
@@ -122,43 +71,7 @@ fn bert_bf16_matmuls_stay_near_the_f32_reference() {
 #[test]
 fn llama_peft_adapter_logits_loss_and_gradients_on_gpu() {
     let _g = PRECISION.lock().unwrap_or_else(|p| p.into_inner());
-    let dev = gpu();
-    let dir = fixtures().join("tiny-llama-peft");
-    let e = load(dir.join("expected.safetensors"));
-    let lm = build_causal(&fixtures().join("tiny-llama/model"), LmAdapter::Saved(&dir.join("adapter")), &dev).unwrap();
-    assert_eq!(lm.adapters.lora_layers.len(), 14);
-    let ids = |s: &str| e[&format!("input_ids.{s}")].to_dtype(DType::U32).unwrap().to_device(&dev).unwrap();
-    for s in ["0", "1"] {
-        let logits = lm.model.forward(&ids(s), None, false).unwrap();
-        assert!(on_gpu(&logits));
-        let d = max_abs(&logits, &e[&format!("logits.{s}")]);
-        assert!(d < 1e-4, "unmerged logits.{s} differ by {d} on the GPU");
-    }
-    lm.adapters.merge_all().unwrap();
-    for s in ["0", "1"] {
-        let d = max_abs(&lm.model.forward(&ids(s), None, false).unwrap(), &e[&format!("logits_merged.{s}")]);
-        assert!(d < 1e-4, "merged logits.{s} differ by {d} on the GPU");
-    }
-    lm.adapters.unmerge_all().unwrap();
-
-    let v: Vec<u32> = e["input_ids.0"].to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let ex = LmExample { labels: v.iter().map(|&i| i as i64).collect(), ids: v };
-    let (loss, n) = lm.batch_loss(&[&ex], false).unwrap();
-    assert_eq!(n, 6);
-    let want: f32 = e["loss"].to_scalar().unwrap();
-    let got: f32 = loss.to_device(&Device::Cpu).unwrap().to_scalar().unwrap();
-    assert!((got - want).abs() < 1e-5, "loss {got} vs PEFT's {want} on the GPU");
-    let grads = loss.backward().unwrap();
-    let want = load(dir.join("grads.safetensors"));
-    let trainable = lm.adapters.trainable();
-    assert_eq!(trainable.len(), want.len());
-    for v in &trainable {
-        let key = format!("base_model.model.{}", v.name);
-        let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {key} on the GPU"));
-        assert!(on_gpu(g), "gradient of {key} left the GPU");
-        let d = max_abs(g, &want[&key]);
-        assert!(d < 1e-4, "gradient of {key} differs by {d} on the GPU");
-    }
+    common::check_llama_peft(&gpu());
 }
 
 /// A training step of a new adapter on the GPU (dropout on, the trainer's
@@ -197,7 +110,7 @@ fn training_step_on_gpu_moves_adapters_only() {
         opt.step(&grads, 1e-2).unwrap();
     }
     for (v, b) in vars.iter().zip(&before) {
-        assert!(on_gpu(v.var.as_tensor()), "{} left the GPU", v.name);
+        assert_on(v.var.as_tensor(), &dev, &v.name);
         assert!(max_abs(v.var.as_tensor(), b) > 0.0, "{} did not change", v.name);
     }
     for (l, w) in lm.adapters.lora_layers.iter().zip(&frozen) {

@@ -7,68 +7,18 @@
 //! gradient of every lora_A / lora_B tensor (1e-4 max-abs); frozen weights do
 //! not change under an optimizer step; save -> load round-trips bit-exactly.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use lora_tasks::causal::data::LmExample;
 use lora_tasks::causal::{build_causal, LmAdapter, LmMeta};
-use std::collections::HashMap;
 use std::path::PathBuf;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
 
-fn load(path: PathBuf) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn example(ids: &Tensor) -> LmExample {
-    let ids: Vec<u32> = ids.to_dtype(DType::U32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    LmExample { labels: ids.iter().map(|&i| i as i64).collect(), ids }
-}
+use common::{fixtures, max_abs};
 
 #[test]
 fn peft_llama_adapter_logits_loss_and_gradients() {
-    let dir = fixtures().join("tiny-llama-peft");
-    let e = load(dir.join("expected.safetensors"));
-    let model = fixtures().join("tiny-llama/model");
-    let lm = build_causal(&model, LmAdapter::Saved(&dir.join("adapter")), &Device::Cpu).unwrap();
-    assert_eq!(lm.adapters.lora_layers.len(), 14);
-    for s in ["0", "1"] {
-        let ids = e[&format!("input_ids.{s}")].to_dtype(DType::U32).unwrap();
-        let logits = lm.model.forward(&ids, None, false).unwrap();
-        let d = max_abs(&logits, &e[&format!("logits.{s}")]);
-        assert!(d < 1e-4, "unmerged logits.{s}: {d}");
-    }
-    lm.adapters.merge_all().unwrap();
-    for s in ["0", "1"] {
-        let ids = e[&format!("input_ids.{s}")].to_dtype(DType::U32).unwrap();
-        let d = max_abs(&lm.model.forward(&ids, None, false).unwrap(), &e[&format!("logits_merged.{s}")]);
-        assert!(d < 1e-4, "merged logits.{s}: {d}");
-    }
-    lm.adapters.unmerge_all().unwrap();
-
-    // Loss and gradients of every adapter tensor.
-    let ex = example(&e["input_ids.0"]);
-    let (loss, n) = lm.batch_loss(&[&ex], false).unwrap();
-    assert_eq!(n, 6);
-    let want: f32 = e["loss"].to_scalar().unwrap();
-    let got: f32 = loss.to_scalar().unwrap();
-    assert!((got - want).abs() < 1e-5, "loss {got} vs {want}");
-    let grads = loss.backward().unwrap();
-    let want = load(dir.join("grads.safetensors"));
-    let trainable = lm.adapters.trainable();
-    assert_eq!(trainable.len(), want.len());
-    for v in &trainable {
-        let key = format!("base_model.model.{}", v.name);
-        let g = grads.get(v.var.as_tensor()).unwrap_or_else(|| panic!("no gradient reached {key}"));
-        let d = max_abs(g, &want[&key]);
-        assert!(d < 1e-4, "gradient of {key}: {d}");
-    }
+    common::check_llama_peft(&Device::Cpu);
 }
 
 #[test]

@@ -6,62 +6,32 @@
 //! Also: every LoRA tensor and the head receive gradients through the whole
 //! model, frozen weights never change, and merge/unmerge round-trips.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use lora_core::{AdapterPlan, LoraConfig, TargetSpec};
 use lora_models::{BertInput, Head};
 use lora_tasks::classify::adapter::{build_classifier, save_classifier, AdapterSource, TaskMeta};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn fx() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+mod common;
+
+use common::{bert_input, fixtures as fx, max_abs};
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fx().join("tiny-bert-peft/expected.safetensors"), &Device::Cpu).unwrap()
+    common::load(fx().join("tiny-bert-peft/expected.safetensors"))
 }
 
 fn input(e: &HashMap<String, Tensor>) -> BertInput {
-    BertInput {
-        input_ids: e["input_ids"].to_dtype(DType::U32).unwrap(),
-        token_type_ids: e["token_type_ids"].to_dtype(DType::U32).unwrap(),
-        attention_mask: e["attention_mask"].to_dtype(DType::F32).unwrap(),
-    }
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-}
-
-fn check_adapter(name: &str, key: &str, merged_key: &str) {
-    let e = expected();
-    let model = fx().join("tiny-bert/model");
-    let dir = fx().join("tiny-bert-peft").join(name);
-    let clf = build_classifier(&model, AdapterSource::Saved(&dir), &Device::Cpu).unwrap();
-    assert_eq!(clf.labels, vec!["neg", "neu", "pos"]);
-    let inp = input(&e);
-    let logits = clf.model.forward(&inp, false).unwrap();
-    let d = max_abs(&logits, &e[key]);
-    assert!(d < 1e-4, "{name}: logits differ from PEFT by {d}");
-    // Merged: same logits as PEFT's merge_and_unload, and unmerge restores.
-    let w0: Vec<Tensor> = clf.adapters.lora_layers.iter().map(|l| l.weight().unwrap()).collect();
-    clf.adapters.merge_all().unwrap();
-    let m = clf.model.forward(&inp, false).unwrap();
-    assert!(max_abs(&m, &e[merged_key]) < 1e-4, "{name}: merged logits differ");
-    clf.adapters.unmerge_all().unwrap();
-    for (l, w) in clf.adapters.lora_layers.iter().zip(w0) {
-        assert!(max_abs(&l.weight().unwrap(), &w) < 1e-6, "unmerge did not restore {}", l.path());
-    }
+    bert_input(e, &Device::Cpu)
 }
 
 #[test]
 fn peft_adapter_gives_peft_logits() {
-    check_adapter("adapter", "logits", "logits_merged");
+    common::check_bert_peft_adapter(&Device::Cpu, "adapter", "logits", "logits_merged");
 }
 
 #[test]
 fn peft_rslora_adapter_on_key_and_dense_gives_peft_logits() {
-    check_adapter("adapter_rslora", "logits_rslora", "logits_rslora_merged");
+    common::check_bert_peft_adapter(&Device::Cpu, "adapter_rslora", "logits_rslora", "logits_rslora_merged");
 }
 
 #[test]
