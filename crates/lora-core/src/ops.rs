@@ -611,11 +611,7 @@ pub fn frozen_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resu
 /// (used at bf16 matmul precision; the caller drops it when `weight` changes).
 pub fn frozen_linear_packed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, packs: Option<&Arc<Packs>>) -> Result<Tensor> {
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
-        let y = device_matmul(x, &weight.t()?)?;
-        return match bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        };
+        return linear_reference(x, weight, bias);
     }
     let op = FrozenLinear {
         weight: weight.detach().contiguous()?,
@@ -646,8 +642,11 @@ fn gpu_bf16(a: &Tensor) -> bool {
     !a.device().is_cpu() && a.dtype() == DType::F32 && amx::matmul_precision() == amx::MatmulPrecision::Bf16
 }
 
+/// `x·Wᵀ + b` from candle primitives: the path of [`frozen_linear`] off the
+/// CPU (bf16 inputs on a GPU at bf16 precision, [`device_matmul`]) and the
+/// reference its CPU kernel is tested against (there the f32 product).
 pub fn linear_reference(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&weight.t()?)?;
+    let y = device_matmul(x, &weight.t()?)?;
     match bias {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
