@@ -120,10 +120,18 @@ fn main() {
         cli.cmd,
         Cmd::Train(_) | Cmd::Eval(_) | Cmd::Predict(_) | Cmd::Generate(_) | Cmd::Chat(_) | Cmd::Bench(_)
     );
-    let device = cli.device.open();
+    // The device first: its error names the real problem (a build without
+    // CUDA, say), and the precision check depends on where the model runs.
+    let d = match cli.device.open() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: --device {}: {e}", cli.device);
+            std::process::exit(2);
+        }
+    };
     if let Some(p) = cli.matmul_precision {
         let bf16 = p == lora_core::amx::MatmulPrecision::Bf16;
-        if matches!(&device, Ok(d) if !d.is_cpu() && model_cmd) {
+        if !d.is_cpu() && model_cmd {
             // bf16 on a GPU is cuBLAS's, autocast-style: no AMX needed.
             lora_core::amx::set_gpu_matmul_precision(p);
             if bf16 {
@@ -139,23 +147,15 @@ fn main() {
             }
         }
     }
-    match device {
-        Ok(d) => {
-            if !d.is_cpu() {
-                if model_cmd {
-                    eprintln!("device: {}", lora_core::device::name(&d));
-                } else {
-                    eprintln!("note: this command runs on the CPU; --device {} is not used", cli.device);
-                }
-            }
-            if model_cmd {
-                ui::set_device(d);
-            }
+    if !d.is_cpu() {
+        if model_cmd {
+            eprintln!("device: {}", lora_core::device::name(&d));
+        } else {
+            eprintln!("note: this command runs on the CPU; --device {} is not used", cli.device);
         }
-        Err(e) => {
-            eprintln!("error: --device {}: {e}", cli.device);
-            std::process::exit(2);
-        }
+    }
+    if model_cmd {
+        ui::set_device(d);
     }
     let stop = Arc::new(AtomicBool::new(false));
     {
