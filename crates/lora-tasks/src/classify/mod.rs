@@ -17,18 +17,17 @@ pub fn predict_logits(clf: &Classifier, ids: &[Vec<u32>], batch_size: usize, dev
     let mut out: Vec<Vec<f32>> = vec![vec![]; ids.len()];
     for batch in data::make_batches(&lengths, batch_size, None) {
         // One shard of the batch per core (lora_core::parallel), each padded
-        // to its own longest sequence.
-        let ranges = lora_core::parallel::split_ranges(batch.len(), lora_core::parallel::shards_on(device, batch.len()));
-        let parts = lora_core::parallel::run_shards(ranges.len(), 0, |k| -> Result<Vec<Vec<f32>>> {
-            let seqs: Vec<&[u32]> = batch[ranges[k].clone()].iter().map(|&i| ids[i].as_slice()).collect();
+        // to its own longest sequence, the shards' padded costs balanced.
+        let lens: Vec<usize> = batch.iter().map(|&i| lengths[i]).collect();
+        let shards = lora_core::parallel::split_by_length(&lens, lora_core::parallel::shards_on(device, batch.len()));
+        let parts = lora_core::parallel::run_shards(shards.len(), 0, |k| -> Result<Vec<Vec<f32>>> {
+            let seqs: Vec<&[u32]> = shards[k].iter().map(|&p| ids[batch[p]].as_slice()).collect();
             let input = data::to_input(&seqs, clf.pad_id, device)?;
             Ok(clf.model.forward(&input, false)?.to_vec2::<f32>()?)
         });
-        let mut rows = batch.iter();
-        for logits in parts {
-            // The shard's rows first: zip pulls from its left side first.
-            for (row, i) in logits?.into_iter().zip(rows.by_ref()) {
-                out[*i] = row;
+        for (logits, positions) in parts.into_iter().zip(&shards) {
+            for (row, &p) in logits?.into_iter().zip(positions) {
+                out[batch[p]] = row;
             }
         }
         progress(batch.len());
@@ -100,7 +99,8 @@ impl lora_train::Task for ClassifyTask<'_> {
         if !self.device.is_cpu() {
             return None;
         }
-        Some(lora_core::parallel::split(batch, parts))
+        let lens: Vec<usize> = batch.iter().map(|&i| self.train.ids[i].len()).collect();
+        Some(lora_core::parallel::split_by_length(&lens, parts).into_iter().map(|p| p.into_iter().map(|k| batch[k]).collect()).collect())
     }
 
     fn loss(&self, batch: &Vec<usize>) -> candle_core::Result<Tensor> {
