@@ -134,8 +134,8 @@ pub fn split_by_length(lengths: &[usize], shards: usize) -> Vec<Vec<usize>> {
     // parts; cut[s][i] where the last of them starts.
     let mut best = vec![vec![f64::INFINITY; n + 1]; shards];
     let mut cut = vec![vec![0usize; n + 1]; shards];
-    for i in 1..=n {
-        best[0][i] = cost(0, i);
+    for (i, b) in best[0].iter_mut().enumerate().skip(1) {
+        *b = cost(0, i);
     }
     for s in 1..shards {
         for i in s + 1..=n {
