@@ -114,9 +114,9 @@ pub const ATTENTION_BREAK_EVEN_TOKENS: f64 = 1024.0;
 /// the other (sentiment data, 60 steps, four runs; 0-2.5% with this split).
 /// The length grouping leaves little spread inside a batch, so the wall-time
 /// gain there is within this machine's noise; batches of mixed lengths gain
-/// more. Parts are contiguous runs of the
-/// sequences sorted by length (longest first, ties in batch order), which
-/// is where an optimal split lies; each part is non-empty.
+/// more. Parts are contiguous runs of the sequences sorted by length
+/// (longest first, ties in batch order), which is where an optimal split
+/// lies; each part is non-empty.
 pub fn split_by_length(lengths: &[usize], shards: usize) -> Vec<Vec<usize>> {
     let n = lengths.len();
     let shards = shards.clamp(1, n.max(1));
@@ -158,6 +158,13 @@ pub fn split_by_length(lengths: &[usize], shards: usize) -> Vec<Vec<usize>> {
     parts.push(order[..end].to_vec());
     parts.reverse();
     parts
+}
+
+/// `items` split as [`split_by_length`] splits their lengths `len(item)`,
+/// copied: each part holds the items themselves, not positions.
+pub fn split_by_length_of<T: Clone>(items: &[T], shards: usize, len: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let lengths: Vec<usize> = items.iter().map(len).collect();
+    split_by_length(&lengths, shards).into_iter().map(|p| p.into_iter().map(|k| items[k].clone()).collect()).collect()
 }
 
 /// Runs `f(i)` for each shard `i < shards`, each on its own thread inside a
@@ -232,6 +239,9 @@ mod tests {
         let equal = [(0..16).collect::<Vec<_>>(), (16..32).collect()];
         let worst = parts.iter().map(cost).fold(0.0, f64::max);
         assert!(worst < equal.iter().map(cost).fold(0.0, f64::max));
+        // The items themselves, split as their lengths are.
+        let words = ["a", "bbbb", "cc"];
+        assert_eq!(split_by_length_of(&words, 2, |w| w.len()), vec![vec!["bbbb"], vec!["cc", "a"]]);
         // Every position once, for any shard count.
         for shards in 1..6 {
             let parts = split_by_length(&lens, shards);

@@ -138,11 +138,9 @@ impl CausalLm {
             let refs: Vec<&LmExample> = batch.iter().map(|&i| &examples[i]).collect();
             // One shard of the batch per core (lora_core::parallel); each
             // returns its token-weighted loss sum.
-            let lens: Vec<usize> = batch.iter().map(|&i| lengths[i]).collect();
-            let shards = lora_core::parallel::split_by_length(&lens, lora_core::parallel::shards_on(self.model.device(), refs.len()));
+            let shards = lora_core::parallel::split_by_length_of(&refs, lora_core::parallel::shards_on(self.model.device(), refs.len()), |e| e.ids.len());
             for part in lora_core::parallel::run_shards(shards.len(), 0, |i| -> candle_core::Result<(f64, usize)> {
-                let part: Vec<&LmExample> = shards[i].iter().map(|&p| refs[p]).collect();
-                let (loss, k) = self.batch_loss(&part, false)?;
+                let (loss, k) = self.batch_loss(&shards[i], false)?;
                 Ok(if k == 0 { (0.0, 0) } else { (loss.to_scalar::<f32>()? as f64 * k as f64, k) })
             }) {
                 let (sum, k) = part?;
@@ -196,8 +194,7 @@ impl lora_train::Task for LmTask<'_> {
         if !self.lm.model.device().is_cpu() {
             return None;
         }
-        let lens: Vec<usize> = batch.iter().map(|&i| self.train[i].ids.len()).collect();
-        Some(lora_core::parallel::split_by_length(&lens, parts).into_iter().map(|p| p.into_iter().map(|k| batch[k]).collect()).collect())
+        Some(lora_core::parallel::split_by_length_of(batch, parts, |&i| self.train[i].ids.len()))
     }
 
     /// Target tokens: the batch's loss is their mean.

@@ -18,16 +18,15 @@ pub fn predict_logits(clf: &Classifier, ids: &[Vec<u32>], batch_size: usize, dev
     for batch in data::make_batches(&lengths, batch_size, None) {
         // One shard of the batch per core (lora_core::parallel), each padded
         // to its own longest sequence, the shards' padded costs balanced.
-        let lens: Vec<usize> = batch.iter().map(|&i| lengths[i]).collect();
-        let shards = lora_core::parallel::split_by_length(&lens, lora_core::parallel::shards_on(device, batch.len()));
+        let shards = lora_core::parallel::split_by_length_of(&batch, lora_core::parallel::shards_on(device, batch.len()), |&i| lengths[i]);
         let parts = lora_core::parallel::run_shards(shards.len(), 0, |k| -> Result<Vec<Vec<f32>>> {
-            let seqs: Vec<&[u32]> = shards[k].iter().map(|&p| ids[batch[p]].as_slice()).collect();
+            let seqs: Vec<&[u32]> = shards[k].iter().map(|&i| ids[i].as_slice()).collect();
             let input = data::to_input(&seqs, clf.pad_id, device)?;
             Ok(clf.model.forward(&input, false)?.to_vec2::<f32>()?)
         });
-        for (logits, positions) in parts.into_iter().zip(&shards) {
-            for (row, &p) in logits?.into_iter().zip(positions) {
-                out[batch[p]] = row;
+        for (logits, rows) in parts.into_iter().zip(&shards) {
+            for (row, &i) in logits?.into_iter().zip(rows) {
+                out[i] = row;
             }
         }
         progress(batch.len());
@@ -99,8 +98,7 @@ impl lora_train::Task for ClassifyTask<'_> {
         if !self.device.is_cpu() {
             return None;
         }
-        let lens: Vec<usize> = batch.iter().map(|&i| self.train.ids[i].len()).collect();
-        Some(lora_core::parallel::split_by_length(&lens, parts).into_iter().map(|p| p.into_iter().map(|k| batch[k]).collect()).collect())
+        Some(lora_core::parallel::split_by_length_of(batch, parts, |&i| self.train.ids[i].len()))
     }
 
     fn loss(&self, batch: &Vec<usize>) -> candle_core::Result<Tensor> {
