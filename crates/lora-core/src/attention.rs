@@ -40,7 +40,16 @@ struct Attention {
     /// the backward recomputes them block by block.
     keep: bool,
     saved: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The forward's dropout keep bits, `bit_words(T²)` words per (batch,
+    /// head) block, for the backward pass (kept with the probabilities).
+    kept: std::sync::Mutex<Option<Vec<u64>>>,
 }
+
+/// A raw pointer to keep bits that may cross threads (disjoint blocks).
+#[derive(Clone, Copy)]
+struct SendBits(*mut u64);
+unsafe impl Send for SendBits {}
+unsafe impl Sync for SendBits {}
 
 /// Shapes of one call: batch, tokens, hidden, head dim.
 struct Dims {
@@ -100,11 +109,16 @@ impl CustomOp3 for Attention {
         let tt = z.t * z.t;
         let mut saved: Vec<f32> = Vec::with_capacity(if self.keep { z.b * self.heads * tt } else { 0 });
         let sp = SendPtr(saved.as_mut_ptr());
+        // Keep bits of the dropout mask, when the probabilities are kept.
+        let wpb = simd::bit_words(tt);
+        let record = self.keep && self.dropout.is_some() && crate::ops::record_masks();
+        let mut kept = vec![0u64; if record { z.b * self.heads * wpb } else { 0 }];
+        let kp = SendBits(kept.as_mut_ptr());
         with_f32(&self.bias, "attention", |mask| {
             (0..z.b * self.heads).into_par_iter().for_each_init(
                 || (vec![0f32; if self.keep { 0 } else { tt }], vec![0f32; if self.dropout.is_some() { tt } else { 0 }]),
                 |(scratch, pd), bh| {
-                    let (dst, sp) = (dst, sp);
+                    let (dst, sp, kp) = (dst, sp, kp);
                     let (b, hd) = (bh / self.heads, bh % self.heads);
                     let off = b * z.t * z.h + hd * z.d;
                     // SAFETY: inputs are (B, T, H) contiguous; block bh writes
@@ -119,6 +133,12 @@ impl CustomOp3 for Attention {
                         };
                         self.probs(&z, bh, q.as_ptr(), k.as_ptr(), mask, p);
                         let pp: &[f32] = match &self.dropout {
+                            Some(dr) if record => {
+                                // Block bh's own words of `kept`.
+                                let bits = std::slice::from_raw_parts_mut(kp.0.add(bh * wpb), wpb);
+                                dr.apply_recording((bh * tt) as u64, p, pd, false, bits);
+                                pd
+                            }
                             Some(dr) => {
                                 self.drop_into(dr, &z, bh, p, pd);
                                 pd
@@ -140,6 +160,9 @@ impl CustomOp3 for Attention {
         }
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+            if record {
+                *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+            }
         }
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -155,6 +178,10 @@ impl CustomOp3 for Attention {
         let tt = z.t * z.t;
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
         let sp = saved.as_mut().map(|v| SendPtr(v.as_mut_ptr()));
+        // The forward's keep bits (with its probabilities), else the mask is drawn again.
+        let wpb = simd::bit_words(tt);
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|k| sp.is_some() && k.len() == z.b * self.heads * wpb);
+        let kept = kept.as_deref();
         with_f32(&q, "attention-bwd", |qd| {
             with_f32(&k, "attention-bwd", |kd| {
                 with_f32(&v, "attention-bwd", |vd| {
@@ -176,20 +203,27 @@ impl CustomOp3 for Attention {
                                                 scratch
                                             }
                                         };
-                                        let pp: &[f32] = match &self.dropout {
-                                            Some(dr) => {
+                                        let bits = kept.map(|k| &k[bh * wpb..(bh + 1) * wpb]);
+                                        let pp: &[f32] = match (&self.dropout, bits) {
+                                            (Some(dr), Some(bits)) => {
+                                                simd::bits_apply(bits, dr.scale, p, pd, false);
+                                                pd
+                                            }
+                                            (Some(dr), None) => {
                                                 self.drop_into(dr, &z, bh, p, pd);
                                                 pd
                                             }
-                                            None => p,
+                                            (None, _) => p,
                                         };
                                         let (go, vo) = (gd.as_ptr().add(off), vd.as_ptr().add(off));
                                         // dPd = dO·Vᵀ (T×T)
                                         mm(z.t, z.t, z.d, dp.as_mut_ptr(), z.t, go, z.h, 1, vo, 1, z.h, 1.0);
                                         // dV = Pdᵀ·dO (T×d)
                                         mm(z.t, z.d, z.t, pdv.0.add(off), z.h, pp.as_ptr(), 1, z.t, go, z.h, 1, 1.0);
-                                        if let Some(dr) = &self.dropout {
-                                            dr.apply_inplace((bh * tt) as u64, dp);
+                                        match (&self.dropout, bits) {
+                                            (Some(dr), Some(bits)) => simd::bits_inplace(bits, dr.scale, dp),
+                                            (Some(dr), None) => dr.apply_inplace((bh * tt) as u64, dp),
+                                            (None, _) => {}
                                         }
                                         // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
                                         simd::softmax_bwd_inplace_rows(p, dp, z.t);
@@ -232,7 +266,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
     let d = q.dim(2)? / heads.max(1);
     let dropout = (train && p > 0.0).then(|| Mask::new(next_dropout_seed(), p));
     let keep = q.track_op() || k.track_op() || v.track_op();
-    let op = Attention { heads, scale: 1.0 / (d as f32).sqrt(), bias: mask.detach().contiguous()?, dropout, keep, saved: Default::default() };
+    let op = Attention { heads, scale: 1.0 / (d as f32).sqrt(), bias: mask.detach().contiguous()?, dropout, keep, saved: Default::default(), kept: Default::default() };
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)
 }
 

@@ -15,7 +15,7 @@
 //! layer from candle primitives and the standalone ops; the tests check
 //! values and all three gradients against it.
 
-use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, linear_rows_acc, lora_down, masked_new, next_dropout_seed, rank_update_new, sgemm, sgemm_new, transpose_par, with_f32};
+use crate::ops::{dropout, f32_slice, frozen_linear, input_grad, kept_apply_par, kept_masked_new, linear_rows_acc, lora_down, lora_down_dropped, masked_new, next_dropout_seed, rank_update_new, sgemm, sgemm_new, transpose_par, with_f32, KeptMask};
 use crate::simd::Mask;
 use crate::FrozenWeight;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -31,6 +31,8 @@ struct LoraLinear {
     /// Keep `s·dropout(x)·Aᵀ` (M×r) for the backward pass.
     keep: bool,
     saved: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The forward's dropout mask as keep bits, for the backward pass.
+    kept: std::sync::Mutex<Option<KeptMask>>,
     /// The layer's bf16 tile packs of a dense weight (bf16 matmul precision).
     packs: Option<std::sync::Arc<crate::amx::Packs>>,
 }
@@ -63,11 +65,6 @@ impl LoraLinear {
         Ok(Dims { m: xl.shape().elem_count() / in_f.max(1), in_f, out_f, r })
     }
 
-    /// `dropout(x)`, or `None` without dropout (the input itself serves).
-    fn dropped(&self, x: &[f32]) -> Option<Vec<f32>> {
-        self.dropout.as_ref().map(|dm| masked_new(dm, x))
-    }
-
     /// `s·xd·Aᵀ` (M×r) for the dropped input `xd`.
     fn branch_in(&self, z: &Dims, xd: &[f32], a: &[f32]) -> Vec<f32> {
         lora_down(z.m, z.in_f, z.r, xd, a, self.scaling)
@@ -84,7 +81,18 @@ impl CustomOp3 for LoraLinear {
         let x = f32_slice(xs, xl, "lora-linear")?;
         let a = f32_slice(as_, al, "lora-linear")?;
         let b = f32_slice(bs, bl, "lora-linear")?;
-        let h = self.branch_in(&z, self.dropped(x).as_deref().unwrap_or(x), a);
+        // The branch's down-projection reads x through the dropout mask
+        // tile by tile (no dropped copy of x); with a gradient to come the
+        // mask's keep bits are kept for the backward pass.
+        let h = match &self.dropout {
+            Some(dm) if self.keep && crate::ops::record_masks() => {
+                let mut bits = vec![0u64; crate::simd::bit_words(z.m * z.in_f)];
+                let h = lora_down_dropped(z.m, z.in_f, z.r, x, a, self.scaling, Some(dm), Some(&mut bits));
+                *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(KeptMask { bits, scale: dm.scale });
+                h
+            }
+            drop => lora_down_dropped(z.m, z.in_f, z.r, x, a, self.scaling, drop.as_ref(), None),
+        };
         // dst = b + h·Bᵀ, then dst += x·Wᵀ: the branch's output is written
         // where the bias broadcast would be, so it adds no pass over dst.
         let mut dst = match &self.bias {
@@ -111,7 +119,14 @@ impl CustomOp3 for LoraLinear {
                 with_f32(&b, "lora-linear-bwd", |bv| {
                     with_f32(&g, "lora-linear-bwd", |gv| {
                         with_f32(&self.dense_weight()?, "lora-linear-bwd", |w| {
-                            let xd = self.dropped(xv);
+                            // The forward's mask from its keep bits, or drawn again
+                            // (a second backward pass over the same graph).
+                            let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|k| k.fits(xv.len()));
+                            let xd = match (&self.dropout, &kept) {
+                                (Some(_), Some(k)) => Some(kept_masked_new(k, xv)),
+                                (Some(dm), None) => Some(masked_new(dm, xv)),
+                                (None, _) => None,
+                            };
                             let xe = xd.as_deref().unwrap_or(xv);
                             let h = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
                             let h = h.unwrap_or_else(|| self.branch_in(&z, xe, av));
@@ -129,7 +144,10 @@ impl CustomOp3 for LoraLinear {
                                 match &self.dropout {
                                     Some(dm) => {
                                         let t = sgemm_new(z.m, z.in_f, z.r, &gb, z.r, 1, av, z.in_f, 1, 1.0);
-                                        dm.apply_par(&t, &mut dx, true);
+                                        match &kept {
+                                            Some(k) => kept_apply_par(k, &t, &mut dx, true),
+                                            None => dm.apply_par(&t, &mut dx, true),
+                                        }
                                     }
                                     None => sgemm(z.m, z.in_f, z.r, &mut dx, true, &gb, z.r, 1, av, z.in_f, 1),
                                 }
@@ -192,6 +210,7 @@ pub fn lora_linear_packed(x: &Tensor, weight: &FrozenWeight, bias: Option<&Tenso
         dropout,
         keep,
         saved: Default::default(),
+        kept: Default::default(),
         packs: packs.cloned(),
     };
     x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, op)
@@ -256,6 +275,8 @@ mod tests {
         // of 100 outputs are 3 tasks of 163 rows).
         check_at(3, 7, 24, 20, 4);
         check_at(3, 150, 40, 100, 8);
+        // Rank above 16: the GEMM path, on a materialised dropped input.
+        check_at(2, 9, 30, 12, 20);
     }
 
     fn check_at(bt: usize, t: usize, inf: usize, outf: usize, r: usize) {

@@ -102,6 +102,62 @@ pub(crate) fn masked_new(mask: &Mask, src: &[f32]) -> Vec<f32> {
     par_new(src.len(), FILL_CHUNK, |s, d| mask.apply(s as u64, &src[s..s + d.len()], d, false))
 }
 
+/// A drawn dropout mask as its keep bits (see [`simd::bits_apply`]) and the
+/// scale of kept values: what a forward pass leaves its backward pass.
+pub(crate) struct KeptMask {
+    pub bits: Vec<u64>,
+    pub scale: f32,
+}
+
+impl KeptMask {
+    /// Whether these bits cover exactly `n` elements.
+    pub fn fits(&self, n: usize) -> bool {
+        self.bits.len() == simd::bit_words(n)
+    }
+}
+
+/// Whether training forwards record their dropout masks as keep bits for
+/// the backward pass (`LORA_MASK_BITS=0` draws them again instead, for A/B
+/// runs; the values are the same either way).
+pub(crate) fn record_masks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORA_MASK_BITS").map_or(true, |v| v != "0"))
+}
+
+/// [`masked_new`], also recording the mask's keep bits.
+pub(crate) fn masked_new_recording(mask: &Mask, src: &[f32]) -> (Vec<f32>, KeptMask) {
+    let n = src.len();
+    let mut bits = vec![0u64; simd::bit_words(n)];
+    let mut v: Vec<f32> = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(FILL_CHUNK)
+        .zip(bits.par_chunks_mut(FILL_CHUNK / 64))
+        .enumerate()
+        .for_each(|(i, (c, b))| {
+            c.fill(MaybeUninit::new(0.0));
+            // SAFETY: initialised on the line above; MaybeUninit<f32> has f32's layout.
+            let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
+            let s = i * FILL_CHUNK;
+            mask.apply_recording(s as u64, &src[s..s + c.len()], c, false, b);
+        });
+    // SAFETY: the chunks above cover all n elements.
+    unsafe { v.set_len(n) };
+    (v, KeptMask { bits, scale: mask.scale })
+}
+
+/// `kept(src)` into a new buffer: the recorded mask applied again.
+pub(crate) fn kept_masked_new(kept: &KeptMask, src: &[f32]) -> Vec<f32> {
+    par_new(src.len(), FILL_CHUNK, |s, d| simd::bits_apply(&kept.bits[s / 64..], kept.scale, &src[s..s + d.len()], d, false))
+}
+
+/// `dst (+)= kept(src)`, in parallel chunks.
+pub(crate) fn kept_apply_par(kept: &KeptMask, src: &[f32], dst: &mut [f32], accumulate: bool) {
+    dst.par_chunks_mut(FILL_CHUNK)
+        .zip(src.par_chunks(FILL_CHUNK))
+        .enumerate()
+        .for_each(|(c, (d, s))| simd::bits_apply(&kept.bits[c * FILL_CHUNK / 64..], kept.scale, s, d, accumulate));
+}
+
 /// `src.to_vec()`, copied by the worker threads.
 pub(crate) fn copy_par(src: &[f32]) -> Vec<f32> {
     par_filled(src.len(), FILL_CHUNK, |start, c| {
@@ -449,8 +505,42 @@ pub(crate) fn linear_rows_acc(x: &[f32], weight: &Tensor, packs: Option<&Packs>,
 /// 16 lanes (the gemm crate runs this skinny shape at a fraction of its
 /// speed: it packs `x` and fills half-empty 16-row tiles); else the GEMM.
 pub(crate) fn lora_down(m: usize, in_f: usize, r: usize, x: &[f32], a: &[f32], scale: f32) -> Vec<f32> {
+    lora_down_dropped(m, in_f, r, x, a, scale, None, None)
+}
+
+thread_local! {
+    /// One row tile of a dropped input ([`lora_down_dropped`]).
+    static DROP_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A raw pointer to keep bits that may cross threads (disjoint tiles).
+#[derive(Clone, Copy)]
+struct SendBits(*mut u64);
+unsafe impl Send for SendBits {}
+unsafe impl Sync for SendBits {}
+
+/// `s·dropout(x)·Aᵀ` (M×r): [`lora_down`] on the dropped input, with the
+/// mask applied to each 64-row tile of `x` as the kernel reads it (into a
+/// per-thread tile that stays in cache) instead of to a dropped copy of all
+/// of `x`. With `bits` (`bit_words(M·in)` words) the mask's keep bits are
+/// recorded there. The mask is the one [`masked_new`] draws: element
+/// `(i, k)` has index `i·in + k`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn lora_down_dropped(m: usize, in_f: usize, r: usize, x: &[f32], a: &[f32], scale: f32, drop: Option<&Mask>, bits: Option<&mut [u64]>) -> Vec<f32> {
+    if let Some(b) = &bits {
+        assert!(b.len() >= simd::bit_words(m * in_f), "lora down-projection: keep bits too short");
+    }
     if r == 0 || r > 16 || in_f == 0 {
-        return sgemm_new(m, r, in_f, x, in_f, 1, a, 1, in_f, scale);
+        let xd = match (drop, bits) {
+            (None, _) => None,
+            (Some(dm), Some(b)) => {
+                let (xd, kept) = masked_new_recording(dm, &x[..m * in_f]);
+                b[..kept.bits.len()].copy_from_slice(&kept.bits);
+                Some(xd)
+            }
+            (Some(dm), None) => Some(masked_new(dm, &x[..m * in_f])),
+        };
+        return sgemm_new(m, r, in_f, xd.as_deref().unwrap_or(x), in_f, 1, a, 1, in_f, scale);
     }
     assert!(x.len() >= m * in_f && a.len() >= r * in_f, "lora down-projection: operands too short");
     let mut at = vec![0f32; in_f * 16];
@@ -461,16 +551,36 @@ pub(crate) fn lora_down(m: usize, in_f: usize, r: usize, x: &[f32], a: &[f32], s
     }
     const ROWS: usize = 64;
     let avx512 = simd::level() == simd::Level::Avx512;
+    let bp = bits.map(|b| SendBits(b.as_mut_ptr()));
     par_new(m * r, ROWS * r, |s, h| {
         let (i0, n) = (s / r, h.len() / r);
         let xs = &x[i0 * in_f..(i0 + n) * in_f];
-        #[cfg(target_arch = "x86_64")]
-        if avx512 {
-            // SAFETY: AVX-512 present; xs holds n rows of in_f, at in_f×16,
-            // h n rows of r ≤ 16.
-            return unsafe { lora_kernels::down(xs, n, in_f, &at, r, h) };
-        }
-        simd::lora_down_rows(xs, in_f, &at, r, h)
+        let run = |xs: &[f32], h: &mut [f32]| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512 present; xs holds n rows of in_f, at in_f×16,
+                // h n rows of r ≤ 16.
+                return unsafe { lora_kernels::down(xs, n, in_f, &at, r, h) };
+            }
+            simd::lora_down_rows(xs, in_f, &at, r, h)
+        };
+        let Some(dm) = drop else { return run(xs, h) };
+        DROP_TILE.with(|t| {
+            let mut t = t.borrow_mut();
+            t.resize(xs.len(), 0.0);
+            let base = i0 * in_f; // a multiple of 64 (i0 is one of ROWS)
+            match bp {
+                Some(bp) => {
+                    // SAFETY: this tile's words of `bits` (checked long
+                    // enough above); tiles cover disjoint words since each
+                    // starts at a multiple of 64 elements.
+                    let b = unsafe { std::slice::from_raw_parts_mut(bp.0.add(base / 64), simd::bit_words(xs.len())) };
+                    dm.apply_recording(base as u64, xs, &mut t, false, b)
+                }
+                None => dm.apply(base as u64, xs, &mut t, false),
+            }
+            run(&t, h)
+        })
     })
 }
 

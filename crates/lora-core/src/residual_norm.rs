@@ -7,7 +7,7 @@
 //! (the unfused ops) gives the same values; the tests check both gradients
 //! against it.
 
-use crate::ops::{copy_par, dropout, f32_slice, layer_norm, masked_new, next_dropout_seed, par_new, rows_per_task, with_f32};
+use crate::ops::{copy_par, dropout, f32_slice, kept_masked_new, layer_norm, masked_new, next_dropout_seed, par_new, rows_per_task, with_f32, KeptMask};
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -19,12 +19,17 @@ struct AddDropoutNorm {
     /// Keep the normalised input `z = dropout(y) + residual` for the backward pass.
     keep: bool,
     saved: std::sync::Mutex<Option<Vec<f32>>>,
+    /// The forward's dropout keep bits (with `saved`), for the backward pass.
+    kept: std::sync::Mutex<Option<KeptMask>>,
 }
+
+/// Elements per parallel chunk of the sum (a multiple of 64: whole words of keep bits).
+const SUM_CHUNK: usize = 16384;
 
 impl AddDropoutNorm {
     /// `z = dropout(y) + residual`, in parallel chunks of whole rows.
     fn sum(&self, y: &[f32], r: &[f32]) -> Vec<f32> {
-        par_new(r.len(), 16384, |s, z| {
+        par_new(r.len(), SUM_CHUNK, |s, z| {
             let (r, y) = (&r[s..s + z.len()], &y[s..s + z.len()]);
             z.copy_from_slice(r);
             match &self.mask {
@@ -37,7 +42,27 @@ impl AddDropoutNorm {
             }
         })
     }
+
+    /// [`Self::sum`] that also records the dropout mask's keep bits.
+    fn sum_recording(&self, m: &Mask, y: &[f32], r: &[f32]) -> (Vec<f32>, KeptMask) {
+        let mut bits = vec![0u64; simd::bit_words(r.len())];
+        let bp = SendBits(bits.as_mut_ptr());
+        let z = par_new(r.len(), SUM_CHUNK, |s, z| {
+            let bp = bp;
+            // SAFETY: chunk s/SUM_CHUNK owns words s/64 .. s/64 + ⌈len/64⌉ of `bits`.
+            let b = unsafe { std::slice::from_raw_parts_mut(bp.0.add(s / 64), simd::bit_words(z.len())) };
+            z.copy_from_slice(&r[s..s + z.len()]);
+            m.apply_recording(s as u64, &y[s..s + z.len()], z, true, b);
+        });
+        (z, KeptMask { bits, scale: m.scale })
+    }
 }
+
+/// A raw pointer to keep bits that may cross threads (disjoint chunks).
+#[derive(Clone, Copy)]
+struct SendBits(*mut u64);
+unsafe impl Send for SendBits {}
+unsafe impl Sync for SendBits {}
 
 impl CustomOp2 for AddDropoutNorm {
     fn name(&self) -> &'static str {
@@ -51,7 +76,14 @@ impl CustomOp2 for AddDropoutNorm {
         let y = f32_slice(ys, yl, "add-dropout-layer-norm")?;
         let r = f32_slice(rs, rl, "add-dropout-layer-norm")?;
         let h = yl.dims().last().copied().unwrap_or(1);
-        let z = self.sum(y, r);
+        let z = match &self.mask {
+            Some(m) if self.keep && crate::ops::record_masks() => {
+                let (z, kept) = self.sum_recording(m, y, r);
+                *self.kept.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+                z
+            }
+            _ => self.sum(y, r),
+        };
         let chunk = h * rows_per_task(h);
         let dst = with_f32(&self.gamma, "add-dropout-layer-norm", |g| {
             with_f32(&self.beta, "add-dropout-layer-norm", |b| par_new(z.len(), chunk, |s, d| simd::layer_norm_rows(&z[s..s + d.len()], g, b, self.eps, d, h)))
@@ -79,10 +111,12 @@ impl CustomOp2 for AddDropoutNorm {
             })
         })??;
         drop(z);
+        let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|k| k.fits(dz.len()));
         let dy = if y.track_op() {
-            Some(match &self.mask {
-                Some(m) => Tensor::from_vec(masked_new(m, &dz), y.shape(), y.device())?,
-                None => Tensor::from_vec(copy_par(&dz), y.shape(), y.device())?,
+            Some(match (&self.mask, &kept) {
+                (Some(_), Some(k)) => Tensor::from_vec(kept_masked_new(k, &dz), y.shape(), y.device())?,
+                (Some(m), None) => Tensor::from_vec(masked_new(m, &dz), y.shape(), y.device())?,
+                (None, _) => Tensor::from_vec(copy_par(&dz), y.shape(), y.device())?,
             })
         } else {
             None
@@ -116,6 +150,7 @@ pub fn add_dropout_layer_norm(y: &Tensor, residual: &Tensor, gamma: &Tensor, bet
         mask: (train && p > 0.0).then(|| Mask::new(next_dropout_seed(), p)),
         keep: y.track_op() || residual.track_op(),
         saved: Default::default(),
+        kept: Default::default(),
     };
     y.contiguous()?.apply_op2(&residual.contiguous()?, op)
 }

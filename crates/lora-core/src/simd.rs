@@ -281,6 +281,165 @@ multiversion! {
 }
 
 // ---------------------------------------------------------------------------
+// Dropout keep bits: the forward pass draws a mask once and records which
+// elements it kept (one bit each, 1/32 of the activation's size); the
+// backward pass applies the recorded bits instead of hashing every index
+// again. Same masks, same values, bit for bit.
+// ---------------------------------------------------------------------------
+
+/// Words of keep bits for `n` elements (bit `i % 64` of word `i / 64`).
+pub(crate) fn bit_words(n: usize) -> usize {
+    n.div_ceil(64)
+}
+
+impl Mask {
+    /// [`Mask::apply`], also writing the keep flag of element `i` of this
+    /// call to bit `i % 64` of `bits[i / 64]` (all `bit_words(n)` words are
+    /// overwritten).
+    pub fn apply_recording(&self, base: u64, src: &[f32], dst: &mut [f32], accumulate: bool, bits: &mut [u64]) {
+        let n = dst.len().min(src.len());
+        assert!(bits.len() >= bit_words(n), "keep bits: {} words for {n} elements", bits.len());
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 && n > 0 && (base >> 32) == ((base + n as u64 - 1) >> 32) {
+            // SAFETY: the level is reported only where the CPU has AVX-512F;
+            // `src`, `dst` hold n elements and `bits` at least ⌈n/64⌉ words.
+            unsafe { avx512_bits::record(self, base, src.as_ptr(), dst.as_mut_ptr(), n, accumulate, bits.as_mut_ptr() as *mut u16) };
+            return;
+        }
+        self.record_portable(base, &src[..n], &mut dst[..n], accumulate, bits)
+    }
+
+    /// [`Mask::apply_recording`] element by element (any CPU, any base).
+    fn record_portable(&self, base: u64, src: &[f32], dst: &mut [f32], accumulate: bool, bits: &mut [u64]) {
+        let n = dst.len();
+        for (c, w) in bits[..bit_words(n)].iter_mut().enumerate() {
+            let mut word = 0u64;
+            for j in c * 64..n.min(c * 64 + 64) {
+                let k = mask_hash(self.seed, base + j as u64) >= self.threshold;
+                word |= (k as u64) << (j - c * 64);
+                let v = if k { src[j] * self.scale } else { 0.0 };
+                dst[j] = if accumulate { dst[j] + v } else { v };
+            }
+            *w = word;
+        }
+    }
+}
+
+/// `dst[i] (+)= bit i ? src[i]·scale : 0` for keep bits recorded by
+/// [`Mask::apply_recording`] (bit 0 of `bits[0]` is element 0 of `src`).
+pub(crate) fn bits_apply(bits: &[u64], scale: f32, src: &[f32], dst: &mut [f32], accumulate: bool) {
+    let n = dst.len().min(src.len());
+    assert!(bits.len() >= bit_words(n), "keep bits: {} words for {n} elements", bits.len());
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        // SAFETY: as in `apply_recording`.
+        unsafe { avx512_bits::apply(bits.as_ptr() as *const u16, scale, src.as_ptr(), dst.as_mut_ptr(), n, accumulate) };
+        return;
+    }
+    bits_apply_portable(bits, scale, &src[..n], &mut dst[..n], accumulate)
+}
+
+fn bits_apply_portable(bits: &[u64], scale: f32, src: &[f32], dst: &mut [f32], accumulate: bool) {
+    for (i, (d, s)) in dst.iter_mut().zip(src).enumerate() {
+        let v = if (bits[i / 64] >> (i % 64)) & 1 == 1 { *s * scale } else { 0.0 };
+        *d = if accumulate { *d + v } else { v };
+    }
+}
+
+/// `x[i] = bit i ? x[i]·scale : 0` in place (see [`bits_apply`]).
+pub(crate) fn bits_inplace(bits: &[u64], scale: f32, x: &mut [f32]) {
+    let n = x.len();
+    assert!(bits.len() >= bit_words(n), "keep bits: {} words for {n} elements", bits.len());
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 {
+        // SAFETY: as in `apply_recording`; source and destination coincide.
+        unsafe { avx512_bits::apply(bits.as_ptr() as *const u16, scale, x.as_ptr(), x.as_mut_ptr(), n, false) };
+        return;
+    }
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = if (bits[i / 64] >> (i % 64)) & 1 == 1 { *v * scale } else { 0.0 };
+    }
+}
+
+/// 16 lanes at a time: the hash's compare yields the lane mask, which is
+/// stored as it is (16 keep bits per `u16`; little-endian, so `u16` number
+/// `q` holds bits `16q..16q+15` of the `u64` words), and masked multiplies
+/// apply it.
+#[cfg(target_arch = "x86_64")]
+mod avx512_bits {
+    use super::{hash_hi, Mask};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn fmix(mut x: __m512i) -> __m512i {
+        x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x85eb_ca6bu32 as i32));
+        x = _mm512_xor_si512(x, _mm512_srli_epi32::<13>(x));
+        x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0xc2b2_ae35u32 as i32));
+        _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+    }
+
+    /// Lanes `0..len` of a 16-lane block (`len` <= 16).
+    #[inline(always)]
+    fn lanes(len: usize) -> u16 {
+        if len >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << len) - 1) as u16
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `src`, `dst` valid for `n` elements, `bits` for ⌈n/16⌉ `u16`s;
+    /// indices `base..base+n` share their high 32 bits.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn record(m: &Mask, base: u64, src: *const f32, dst: *mut f32, n: usize, accumulate: bool, bits: *mut u16) {
+        let hi = _mm512_set1_epi32(hash_hi(m.seed, base) as i32);
+        let shi = _mm512_set1_epi32((m.seed >> 32) as u32 as i32);
+        let step = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let thr = _mm512_set1_epi32(m.threshold as i32);
+        let sc = _mm512_set1_ps(m.scale);
+        let mut i = 0;
+        while i < n {
+            let t = lanes(n - i);
+            let idx = _mm512_add_epi32(_mm512_set1_epi32((base as u32).wrapping_add(i as u32) as i32), step);
+            let h = fmix(_mm512_xor_si512(fmix(_mm512_xor_si512(idx, hi)), shi));
+            let k = _mm512_cmpge_epu32_mask(h, thr) & t;
+            let v = _mm512_maskz_mul_ps(k, _mm512_maskz_loadu_ps(t, src.add(i)), sc);
+            let v = if accumulate { _mm512_add_ps(_mm512_maskz_loadu_ps(t, dst.add(i)), v) } else { v };
+            _mm512_mask_storeu_ps(dst.add(i), t, v);
+            *bits.add(i / 16) = k;
+            i += 16;
+        }
+        // The rest of the last 64-bit word: no element, no keep flag.
+        let mut q = n.div_ceil(16);
+        while q % 4 != 0 {
+            *bits.add(q) = 0;
+            q += 1;
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `src`, `dst` valid for `n` elements (they may coincide),
+    /// `bits` for ⌈n/16⌉ `u16`s.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn apply(bits: *const u16, scale: f32, src: *const f32, dst: *mut f32, n: usize, accumulate: bool) {
+        let sc = _mm512_set1_ps(scale);
+        let mut i = 0;
+        while i < n {
+            let t = lanes(n - i);
+            let k = *bits.add(i / 16) & t;
+            let v = _mm512_maskz_mul_ps(k, _mm512_maskz_loadu_ps(t, src.add(i)), sc);
+            let v = if accumulate { _mm512_add_ps(_mm512_maskz_loadu_ps(t, dst.add(i)), v) } else { v };
+            _mm512_mask_storeu_ps(dst.add(i), t, v);
+            i += 16;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // exp, erf, GELU.
 // ---------------------------------------------------------------------------
 
@@ -595,6 +754,7 @@ fn exp_normalise(row: &mut [f32], max: f32) {
     }
 }
 
+
 /// `row += mask` and the maximum of the sums, in one pass.
 #[inline(always)]
 fn add_max(row: &mut [f32], mask: &[f32]) -> f32 {
@@ -625,12 +785,135 @@ multiversion! {
     }
 }
 
+/// In place over rows of `t`: `row = softmax(row + mask)`.
+pub(crate) fn masked_softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx512 && t > 0 && mask.len() >= t {
+        // Last row first: a row's masked tail store spans the next row's
+        // first values (masked off), and a load of those waits for that
+        // store to retire (~150 cycles a row when t is not a multiple of
+        // 16); going backwards, no load follows a store that spans it.
+        // SAFETY: AVX-512F present; each row and the mask hold `t` values.
+        for row in p.chunks_mut(t).rev() {
+            unsafe { avx512_softmax::masked_row(row.as_mut_ptr(), mask.as_ptr(), row.len()) }
+        }
+        return;
+    }
+    masked_softmax_rows_portable(p, mask, t)
+}
+
 multiversion! {
-    /// In place over rows of `t`: `row = softmax(row + mask)`.
-    pub(crate) fn masked_softmax_rows(p: &mut [f32], mask: &[f32], t: usize) {
+    fn masked_softmax_rows_portable(p: &mut [f32], mask: &[f32], t: usize) {
         for row in p.chunks_mut(t) {
             let max = add_max(row, &mask[..row.len()]);
             exp_normalise(row, max);
+        }
+    }
+}
+
+/// The attention rows' softmax in whole 16-lane vectors, the last one
+/// masked: rows are as short as the batch's sentences (28 tokens on the
+/// sentiment data), and the portable loops' scalar tails (a serial max, a
+/// scalar `fast_exp` per value) made a 28-wide row cost about twice a
+/// 32-wide one. The exponential is [`fast_exp`]'s, operation for
+/// operation (separate multiplies and adds), so each value is the same;
+/// only the order of the row's sum differs.
+#[cfg(target_arch = "x86_64")]
+mod avx512_softmax {
+    use std::arch::x86_64::*;
+
+    /// [`super::fast_exp`] on 16 lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn exp16(x: __m512) -> __m512 {
+        const MAGIC: f32 = 12_582_912.0;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        let set = _mm512_set1_ps;
+        let xc = _mm512_min_ps(_mm512_max_ps(x, set(-87.0)), set(88.0));
+        let r = _mm512_add_ps(_mm512_mul_ps(xc, set(std::f32::consts::LOG2_E)), set(MAGIC));
+        let n = _mm512_sub_ps(r, set(MAGIC));
+        let f = _mm512_sub_ps(_mm512_sub_ps(xc, _mm512_mul_ps(n, set(LN2_HI))), _mm512_mul_ps(n, set(LN2_LO)));
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm512_add_ps(set(c), _mm512_mul_ps(f, p));
+        }
+        let ni = _mm512_sub_epi32(_mm512_castps_si512(r), _mm512_set1_epi32(MAGIC.to_bits() as i32));
+        let e = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127)))), p);
+        // x < -87 gives exactly 0 (not a subnormal).
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(-87.0)), e)
+    }
+
+    #[inline(always)]
+    fn lanes(len: usize) -> u16 {
+        if len >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << len) - 1) as u16
+        }
+    }
+
+    /// Vectors of a row held in registers by [`short_row`].
+    const SHORT: usize = 8;
+
+    /// A row of at most 128 values: loaded once, kept in registers, stored
+    /// once (a masked store read back by a masked load cannot be forwarded
+    /// and stalls, which made the three-pass loop slow on short rows).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn short_row(row: *mut f32, mask: *const f32, t: usize) {
+        let nv = t.div_ceil(16);
+        let mut v = [_mm512_setzero_ps(); SHORT];
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for (j, vj) in v.iter_mut().enumerate().take(nv) {
+            let k = lanes(t - j * 16);
+            *vj = _mm512_add_ps(_mm512_maskz_loadu_ps(k, row.add(j * 16)), _mm512_maskz_loadu_ps(k, mask.add(j * 16)));
+            mx = _mm512_mask_max_ps(mx, k, mx, *vj);
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut sum = _mm512_setzero_ps();
+        for (j, vj) in v.iter_mut().enumerate().take(nv) {
+            let k = lanes(t - j * 16);
+            *vj = exp16(_mm512_sub_ps(*vj, max));
+            sum = _mm512_mask_add_ps(sum, k, sum, *vj);
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        for (j, vj) in v.iter().enumerate().take(nv) {
+            _mm512_mask_storeu_ps(row.add(j * 16), lanes(t - j * 16), _mm512_mul_ps(*vj, inv));
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F; `row` and `mask` valid for `t` values.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn masked_row(row: *mut f32, mask: *const f32, t: usize) {
+        if t <= 16 * SHORT {
+            return short_row(row, mask, t);
+        }
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < t {
+            let k = lanes(t - i);
+            let v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, row.add(i)), _mm512_maskz_loadu_ps(k, mask.add(i)));
+            _mm512_mask_storeu_ps(row.add(i), k, v);
+            mx = _mm512_mask_max_ps(mx, k, mx, v);
+            i += 16;
+        }
+        let max = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut sum = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < t {
+            let k = lanes(t - i);
+            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row.add(i)), max));
+            _mm512_mask_storeu_ps(row.add(i), k, e);
+            sum = _mm512_mask_add_ps(sum, k, sum, e);
+            i += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        let mut i = 0;
+        while i < t {
+            let k = lanes(t - i);
+            _mm512_mask_storeu_ps(row.add(i), k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row.add(i)), inv));
+            i += 16;
         }
     }
 }
@@ -843,6 +1126,75 @@ mod tests {
             }
             let rate = kept as f64 / src.len() as f64;
             assert!((rate - 0.7).abs() < 0.03, "keep rate {rate}");
+        }
+    }
+
+    /// Recorded keep bits reproduce the hashed mask exactly, on every path
+    /// (AVX-512 where the CPU has it, and the portable loops), for lengths
+    /// that end inside a 16-lane block and a 64-bit word, and across a 2³²
+    /// index boundary.
+    #[test]
+    fn recorded_keep_bits_replay_the_mask() {
+        let m = Mask::new(0x0bad_cafe_1234_5678, 0.1);
+        for n in [0usize, 1, 15, 16, 17, 63, 64, 65, 100, 1000, 4099] {
+            let src: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            for base in [0u64, 784 * 5, (1u64 << 32) - 30] {
+                for acc in [false, true] {
+                    let mut want = vec![0.5f32; n];
+                    m.apply(base, &src, &mut want, acc);
+                    let mut got = vec![0.5f32; n];
+                    let mut bits = vec![u64::MAX; bit_words(n)];
+                    m.apply_recording(base, &src, &mut got, acc, &mut bits);
+                    assert_eq!(got, want, "recording, n {n} base {base} acc {acc}");
+                    for i in 0..n {
+                        assert_eq!((bits[i / 64] >> (i % 64)) & 1 == 1, m.keep(base + i as u64), "bit {i}, n {n} base {base}");
+                    }
+                    if n % 64 != 0 {
+                        assert_eq!(bits[n / 64] >> (n % 64), 0, "bits past the end, n {n}");
+                    }
+                    let mut replay = vec![0.5f32; n];
+                    bits_apply(&bits, m.scale, &src, &mut replay, acc);
+                    assert_eq!(replay, want, "replay, n {n} base {base} acc {acc}");
+                    // The portable loops, whatever this CPU runs.
+                    let mut portable = vec![0.5f32; n];
+                    let mut pbits = vec![u64::MAX; bit_words(n)];
+                    m.record_portable(base, &src, &mut portable, acc, &mut pbits);
+                    assert_eq!((&portable, &pbits), (&want, &bits), "portable recording, n {n} base {base}");
+                    let mut portable = vec![0.5f32; n];
+                    bits_apply_portable(&bits, m.scale, &src, &mut portable, acc);
+                    assert_eq!(portable, want, "portable replay, n {n} base {base}");
+                }
+                let mut inp = src.clone();
+                let mut bits = vec![0u64; bit_words(n)];
+                let mut want = vec![0f32; n];
+                m.apply_recording(base, &src, &mut want, false, &mut bits);
+                bits_inplace(&bits, m.scale, &mut inp);
+                assert_eq!(inp, want);
+            }
+        }
+    }
+
+    /// The dispatched softmax (AVX-512 rows where the CPU has them) agrees
+    /// with the portable loops for rows shorter than, equal to and longer
+    /// than 128 (registers / three passes), with and without masked keys.
+    #[test]
+    fn masked_softmax_paths_agree() {
+        for t in [1usize, 7, 16, 17, 28, 31, 64, 100, 128, 129, 200] {
+            let p0: Vec<f32> = (0..3 * t).map(|i| ((i * 7919) % 1000) as f32 * 0.013 - 5.0).collect();
+            let mut mask = vec![0f32; t];
+            mask.iter_mut().skip(t / 2 + 1).for_each(|m| *m = f32::MIN);
+            for mk in [vec![0f32; t], mask] {
+                let (mut a, mut b) = (p0.clone(), p0.clone());
+                masked_softmax_rows(&mut a, &mk, t);
+                masked_softmax_rows_portable(&mut b, &mk, t);
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() <= 1e-6 * y.abs().max(1e-3), "t {t}: {x} vs {y}");
+                    assert!(*x == 0.0 || x.is_normal());
+                }
+                for row in a.chunks(t) {
+                    assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5, "t {t}: row sums to {}", row.iter().sum::<f32>());
+                }
+            }
         }
     }
 
