@@ -48,9 +48,8 @@ impl AddDropoutNorm {
         let mut bits = vec![0u64; simd::bit_words(r.len())];
         let bp = SendBits(bits.as_mut_ptr());
         let z = par_new(r.len(), SUM_CHUNK, |s, z| {
-            let bp = bp;
             // SAFETY: chunk s/SUM_CHUNK owns words s/64 .. s/64 + ⌈len/64⌉ of `bits`.
-            let b = unsafe { std::slice::from_raw_parts_mut(bp.0.add(s / 64), simd::bit_words(z.len())) };
+            let b = unsafe { std::slice::from_raw_parts_mut(bp.ptr().add(s / 64), simd::bit_words(z.len())) };
             z.copy_from_slice(&r[s..s + z.len()]);
             m.apply_recording(s as u64, &y[s..s + z.len()], z, true, b);
         });
@@ -63,6 +62,13 @@ impl AddDropoutNorm {
 struct SendBits(*mut u64);
 unsafe impl Send for SendBits {}
 unsafe impl Sync for SendBits {}
+
+impl SendBits {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
+    fn ptr(self) -> *mut u64 {
+        self.0
+    }
+}
 
 impl CustomOp2 for AddDropoutNorm {
     fn name(&self) -> &'static str {

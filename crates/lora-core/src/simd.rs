@@ -361,13 +361,25 @@ pub(crate) fn bits_inplace(bits: &[u64], scale: f32, x: &mut [f32]) {
     }
 }
 
+/// The lane mask of the first `min(len, 16)` lanes of a 16-lane vector
+/// (the tail of a row in the AVX-512 kernels below).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes(len: usize) -> u16 {
+    if len >= 16 {
+        u16::MAX
+    } else {
+        ((1u32 << len) - 1) as u16
+    }
+}
+
 /// 16 lanes at a time: the hash's compare yields the lane mask, which is
 /// stored as it is (16 keep bits per `u16`; little-endian, so `u16` number
 /// `q` holds bits `16q..16q+15` of the `u64` words), and masked multiplies
 /// apply it.
 #[cfg(target_arch = "x86_64")]
 mod avx512_bits {
-    use super::{hash_hi, Mask};
+    use super::{hash_hi, lanes, Mask};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
@@ -380,15 +392,6 @@ mod avx512_bits {
         _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
     }
 
-    /// Lanes `0..len` of a 16-lane block (`len` <= 16).
-    #[inline(always)]
-    fn lanes(len: usize) -> u16 {
-        if len >= 16 {
-            u16::MAX
-        } else {
-            ((1u32 << len) - 1) as u16
-        }
-    }
 
     /// # Safety
     /// AVX-512F; `src`, `dst` valid for `n` elements, `bits` for ⌈n/16⌉ `u16`s;
@@ -415,7 +418,7 @@ mod avx512_bits {
         }
         // The rest of the last 64-bit word: no element, no keep flag.
         let mut q = n.div_ceil(16);
-        while q % 4 != 0 {
+        while !q.is_multiple_of(4) {
             *bits.add(q) = 0;
             q += 1;
         }
@@ -820,6 +823,7 @@ multiversion! {
 /// only the order of the row's sum differs.
 #[cfg(target_arch = "x86_64")]
 mod avx512_softmax {
+    use super::lanes;
     use std::arch::x86_64::*;
 
     /// [`super::fast_exp`] on 16 lanes.
@@ -844,14 +848,6 @@ mod avx512_softmax {
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(-87.0)), e)
     }
 
-    #[inline(always)]
-    fn lanes(len: usize) -> u16 {
-        if len >= 16 {
-            u16::MAX
-        } else {
-            ((1u32 << len) - 1) as u16
-        }
-    }
 
     /// Vectors of a row held in registers by [`short_row`].
     const SHORT: usize = 8;
