@@ -21,6 +21,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
+use crate::ops::SendPtr;
 use rayon::prelude::*;
 
 /// How frozen-weight matmuls are computed.
@@ -321,18 +322,6 @@ pub fn gemm_bf16_new(m: usize, a: &[f32], lda: usize, b: &PackedBf16, ep: Epilog
         }
     }
     (dst, pre)
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint row ranges through it.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 thread_local! {

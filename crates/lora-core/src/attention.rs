@@ -17,18 +17,12 @@
 //! from the same seed sequence, so the fused op and the reference path
 //! ([`attention_reference`]) draw identical masks.
 
-use crate::ops::{device_matmul, dropout, masked_softmax, next_dropout_seed, with_f32};
+use crate::ops::{device_matmul, dropout, masked_softmax, next_dropout_seed, with_f32, SendPtr};
 // dst = scale · lhs · rhs per (batch, head) block, single-threaded.
 use crate::small_mm::mm;
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
-
-/// A raw pointer that may cross threads: every task writes a disjoint block.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 struct Attention {
     heads: usize,
@@ -44,12 +38,6 @@ struct Attention {
     /// head) block, for the backward pass (kept with the probabilities).
     kept: std::sync::Mutex<Option<Vec<u64>>>,
 }
-
-/// A raw pointer to keep bits that may cross threads (disjoint blocks).
-#[derive(Clone, Copy)]
-struct SendBits(*mut u64);
-unsafe impl Send for SendBits {}
-unsafe impl Sync for SendBits {}
 
 /// Shapes of one call: batch, tokens, hidden, head dim.
 struct Dims {
@@ -113,7 +101,7 @@ impl CustomOp3 for Attention {
         let wpb = simd::bit_words(tt);
         let record = self.keep && self.dropout.is_some() && crate::ops::record_masks();
         let mut kept = vec![0u64; if record { z.b * self.heads * wpb } else { 0 }];
-        let kp = SendBits(kept.as_mut_ptr());
+        let kp = SendPtr(kept.as_mut_ptr());
         with_f32(&self.bias, "attention", |mask| {
             (0..z.b * self.heads).into_par_iter().for_each_init(
                 || (vec![0f32; if self.keep { 0 } else { tt }], vec![0f32; if self.dropout.is_some() { tt } else { 0 }]),

@@ -513,11 +513,27 @@ thread_local! {
     static DROP_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A raw pointer to keep bits that may cross threads (disjoint tiles).
-#[derive(Clone, Copy)]
-struct SendBits(*mut u64);
-unsafe impl Send for SendBits {}
-unsafe impl Sync for SendBits {}
+/// A raw pointer that may cross threads: the parallel kernels give each
+/// task its own disjoint part of the buffer behind it. Read it with
+/// [`SendPtr::get`] inside a closure, so the closure captures the whole
+/// wrapper rather than the bare (non-`Sync`) pointer field.
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
+// SAFETY: users write disjoint parts only (each site says which).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> Clone for SendPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 /// `s·dropout(x)·Aᵀ` (M×r): [`lora_down`] on the dropped input, with the
 /// mask applied to each 64-row tile of `x` as the kernel reads it (into a
@@ -551,7 +567,7 @@ pub(crate) fn lora_down_dropped(m: usize, in_f: usize, r: usize, x: &[f32], a: &
     }
     const ROWS: usize = 64;
     let avx512 = simd::level() == simd::Level::Avx512;
-    let bp = bits.map(|b| SendBits(b.as_mut_ptr()));
+    let bp = bits.map(|b| SendPtr(b.as_mut_ptr()));
     par_new(m * r, ROWS * r, |s, h| {
         let (i0, n) = (s / r, h.len() / r);
         let xs = &x[i0 * in_f..(i0 + n) * in_f];
@@ -574,7 +590,7 @@ pub(crate) fn lora_down_dropped(m: usize, in_f: usize, r: usize, x: &[f32], a: &
                     // SAFETY: this tile's words of `bits` (checked long
                     // enough above); tiles cover disjoint words since each
                     // starts at a multiple of 64 elements.
-                    let b = unsafe { std::slice::from_raw_parts_mut(bp.0.add(base / 64), simd::bit_words(xs.len())) };
+                    let b = unsafe { std::slice::from_raw_parts_mut(bp.get().add(base / 64), simd::bit_words(xs.len())) };
                     dm.apply_recording(base as u64, xs, &mut t, false, b)
                 }
                 None => dm.apply(base as u64, xs, &mut t, false),

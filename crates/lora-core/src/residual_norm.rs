@@ -7,7 +7,7 @@
 //! (the unfused ops) gives the same values; the tests check both gradients
 //! against it.
 
-use crate::ops::{copy_par, dropout, f32_slice, kept_masked_new, layer_norm, masked_new, next_dropout_seed, par_new, rows_per_task, with_f32, KeptMask};
+use crate::ops::{copy_par, dropout, f32_slice, kept_masked_new, layer_norm, masked_new, next_dropout_seed, par_new, rows_per_task, with_f32, KeptMask, SendPtr};
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -46,27 +46,14 @@ impl AddDropoutNorm {
     /// [`Self::sum`] that also records the dropout mask's keep bits.
     fn sum_recording(&self, m: &Mask, y: &[f32], r: &[f32]) -> (Vec<f32>, KeptMask) {
         let mut bits = vec![0u64; simd::bit_words(r.len())];
-        let bp = SendBits(bits.as_mut_ptr());
+        let bp = SendPtr(bits.as_mut_ptr());
         let z = par_new(r.len(), SUM_CHUNK, |s, z| {
             // SAFETY: chunk s/SUM_CHUNK owns words s/64 .. s/64 + ⌈len/64⌉ of `bits`.
-            let b = unsafe { std::slice::from_raw_parts_mut(bp.ptr().add(s / 64), simd::bit_words(z.len())) };
+            let b = unsafe { std::slice::from_raw_parts_mut(bp.get().add(s / 64), simd::bit_words(z.len())) };
             z.copy_from_slice(&r[s..s + z.len()]);
             m.apply_recording(s as u64, &y[s..s + z.len()], z, true, b);
         });
         (z, KeptMask { bits, scale: m.scale })
-    }
-}
-
-/// A raw pointer to keep bits that may cross threads (disjoint chunks).
-#[derive(Clone, Copy)]
-struct SendBits(*mut u64);
-unsafe impl Send for SendBits {}
-unsafe impl Sync for SendBits {}
-
-impl SendBits {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper).
-    fn ptr(self) -> *mut u64 {
-        self.0
     }
 }
 

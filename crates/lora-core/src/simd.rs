@@ -392,7 +392,6 @@ mod avx512_bits {
         _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
     }
 
-
     /// # Safety
     /// AVX-512F; `src`, `dst` valid for `n` elements, `bits` for ⌈n/16⌉ `u16`s;
     /// indices `base..base+n` share their high 32 bits.
@@ -756,7 +755,6 @@ fn exp_normalise(row: &mut [f32], max: f32) {
         *v *= inv;
     }
 }
-
 
 /// `row += mask` and the maximum of the sums, in one pass.
 #[inline(always)]
