@@ -12,6 +12,10 @@
 //! `B·heads·T²` buffer, where the unfused path keeps the probabilities and
 //! their dropped copy), and the backward frees them; otherwise (inference)
 //! nothing is kept, and a backward without them recomputes each block.
+//! Queries may cover fewer positions than keys and values (`Tq < T`: the
+//! encoder's last layer, whose only output used is the first token's, asks
+//! for that token alone).
+//!
 //! Dropout on the probabilities uses the same counter-based mask as
 //! [`crate::ops::dropout`] over the same flat `(B, heads, T, T)` index, drawn
 //! from the same seed sequence, so the fused op and the reference path
@@ -19,8 +23,8 @@
 
 use crate::ops::{device_matmul, dropout, masked_softmax, next_dropout_seed, with_f32, SendPtr};
 // dst = scale · lhs · rhs per (batch, head) block, single-threaded.
-use crate::small_mm::mm;
 use crate::simd::{self, Mask};
+use crate::small_mm::mm;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -39,39 +43,50 @@ struct Attention {
     kept: std::sync::Mutex<Option<Vec<u64>>>,
 }
 
-/// Shapes of one call: batch, tokens, hidden, head dim.
+/// Shapes of one call: batch, query positions, key (and value) positions,
+/// hidden, head dim.
 struct Dims {
     b: usize,
-    t: usize,
+    tq: usize,
+    tk: usize,
     h: usize,
     d: usize,
 }
 
+impl Dims {
+    /// Offset of block (b, head) in the queries and in the keys and values.
+    fn offsets(&self, b: usize, hd: usize) -> (usize, usize) {
+        (b * self.tq * self.h + hd * self.d, b * self.tk * self.h + hd * self.d)
+    }
+}
+
 impl Attention {
-    fn dims(&self, l: &Layout) -> Result<Dims> {
-        let (b, t, h) = l.shape().dims3()?;
+    /// From the queries' and the keys' layouts (the values' is the keys').
+    fn dims(&self, ql: &Layout, kl: &Layout) -> Result<Dims> {
+        let (b, tq, h) = ql.shape().dims3()?;
+        let (kb, tk, kh) = kl.shape().dims3()?;
         let (bb, bt) = self.bias.dims2()?;
-        if bb != b || bt != t || h % self.heads != 0 {
-            candle_core::bail!("attention: input ({b}, {t}, {h}) does not fit {} heads and a ({bb}, {bt}) mask", self.heads)
+        if kb != b || kh != h || bb != b || bt != tk || h % self.heads != 0 || tq == 0 {
+            candle_core::bail!("attention: q ({b}, {tq}, {h}), k ({kb}, {tk}, {kh}) do not fit {} heads and a ({bb}, {bt}) mask", self.heads)
         }
-        Ok(Dims { b, t, h, d: h / self.heads })
+        Ok(Dims { b, tq, tk, h, d: h / self.heads })
     }
 
-    /// `p (T×T) = softmax(Q_bh·K_bhᵀ·scale + mask_b)` for block `bh`.
+    /// `p (Tq×Tk) = softmax(Q_bh·K_bhᵀ·scale + mask_b)` for block `bh`.
     ///
     /// # Safety
-    /// `q`, `k` point at the (B, T, H) inputs.
+    /// `q` points at the (B, Tq, H) queries, `k` at the (B, Tk, H) keys.
     unsafe fn probs(&self, z: &Dims, bh: usize, q: *const f32, k: *const f32, mask: &[f32], p: &mut [f32]) {
         let (b, hd) = (bh / self.heads, bh % self.heads);
-        let off = b * z.t * z.h + hd * z.d;
-        // rhs = K_bhᵀ (d×T): element (j, s) at k[off + s·H + j].
-        mm(z.t, z.t, z.d, p.as_mut_ptr(), z.t, q.add(off), z.h, 1, k.add(off), 1, z.h, self.scale);
-        simd::masked_softmax_rows(p, &mask[b * z.t..(b + 1) * z.t], z.t);
+        let (oq, ok) = z.offsets(b, hd);
+        // rhs = K_bhᵀ (d×Tk): element (j, s) at k[ok + s·H + j].
+        mm(z.tq, z.tk, z.d, p.as_mut_ptr(), z.tk, q.add(oq), z.h, 1, k.add(ok), 1, z.h, self.scale);
+        simd::masked_softmax_rows(p, &mask[b * z.tk..(b + 1) * z.tk], z.tk);
     }
 
-    /// `pd = dropout(p)` for block `bh` (the flat (B, heads, T, T) index).
+    /// `pd = dropout(p)` for block `bh` (the flat (B, heads, Tq, Tk) index).
     fn drop_into(&self, dr: &Mask, z: &Dims, bh: usize, p: &[f32], pd: &mut [f32]) {
-        dr.apply((bh * z.t * z.t) as u64, p, pd, false)
+        dr.apply((bh * z.tq * z.tk) as u64, p, pd, false)
     }
 }
 
@@ -81,9 +96,9 @@ impl CustomOp3 for Attention {
     }
 
     fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout, ks: &CpuStorage, kl: &Layout, vs: &CpuStorage, vl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let z = self.dims(ql)?;
-        if kl.dims() != ql.dims() || vl.dims() != ql.dims() {
-            candle_core::bail!("attention: q {:?}, k {:?}, v {:?} differ", ql.dims(), kl.dims(), vl.dims())
+        let z = self.dims(ql, kl)?;
+        if vl.dims() != kl.dims() {
+            candle_core::bail!("attention: k {:?} and v {:?} differ", kl.dims(), vl.dims())
         }
         let q = crate::ops::f32_slice(qs, ql, "attention")?;
         let k = crate::ops::f32_slice(ks, kl, "attention")?;
@@ -94,7 +109,7 @@ impl CustomOp3 for Attention {
         // needs a zero-fill pass of its own.
         let mut out: Vec<f32> = Vec::with_capacity(q.len());
         let dst = SendPtr(out.as_mut_ptr());
-        let tt = z.t * z.t;
+        let tt = z.tq * z.tk;
         let mut saved: Vec<f32> = Vec::with_capacity(if self.keep { z.b * self.heads * tt } else { 0 });
         let sp = SendPtr(saved.as_mut_ptr());
         // Keep bits of the dropout mask, when the probabilities are kept.
@@ -108,10 +123,10 @@ impl CustomOp3 for Attention {
                 |(scratch, pd), bh| {
                     let (dst, sp, kp) = (dst, sp, kp);
                     let (b, hd) = (bh / self.heads, bh % self.heads);
-                    let off = b * z.t * z.h + hd * z.d;
-                    // SAFETY: inputs are (B, T, H) contiguous; block bh writes
-                    // only rows b·T.. and columns hd·d.. of `out`, and its own
-                    // T×T block of `saved`.
+                    let (oq, ok) = z.offsets(b, hd);
+                    // SAFETY: inputs are (B, Tq|Tk, H) contiguous; block bh
+                    // writes only rows b·Tq.. and columns hd·d.. of `out`, and
+                    // its own Tq×Tk block of `saved`.
                     unsafe {
                         let p: &mut [f32] = if self.keep {
                             std::ptr::write_bytes(sp.0.add(bh * tt), 0, tt);
@@ -133,7 +148,7 @@ impl CustomOp3 for Attention {
                             }
                             None => p,
                         };
-                        mm(z.t, z.d, z.t, dst.0.add(off), z.h, pp.as_ptr(), z.t, 1, v.as_ptr().add(off), z.h, 1, 1.0);
+                        mm(z.tq, z.d, z.tk, dst.0.add(oq), z.h, pp.as_ptr(), z.tk, 1, v.as_ptr().add(ok), z.h, 1, 1.0);
                     }
                 },
             )
@@ -158,12 +173,12 @@ impl CustomOp3 for Attention {
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = grad.contiguous()?;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let z = self.dims(q.layout())?;
-        let n = q.elem_count();
+        let z = self.dims(q.layout(), k.layout())?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
         // Written block by block without being read (see the forward).
-        let (mut dq, mut dk, mut dv): (Vec<f32>, Vec<f32>, Vec<f32>) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut dq, mut dk, mut dv): (Vec<f32>, Vec<f32>, Vec<f32>) = (Vec::with_capacity(nq), Vec::with_capacity(nk), Vec::with_capacity(nk));
         let (pdq, pdk, pdv) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
-        let tt = z.t * z.t;
+        let tt = z.tq * z.tk;
         let mut saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
         let sp = saved.as_mut().map(|v| SendPtr(v.as_mut_ptr()));
         // The forward's keep bits (with its probabilities), else the mask is drawn again.
@@ -180,7 +195,7 @@ impl CustomOp3 for Attention {
                                 |(scratch, pd, dp), bh| {
                                     let (pdq, pdk, pdv, sp) = (pdq, pdk, pdv, sp);
                                     let (b, hd) = (bh / self.heads, bh % self.heads);
-                                    let off = b * z.t * z.h + hd * z.d;
+                                    let (oq, ok) = z.offsets(b, hd);
                                     // SAFETY: as in the forward; block bh writes only its
                                     // rows/columns of dq, dk, dv and reads its saved block.
                                     unsafe {
@@ -203,21 +218,21 @@ impl CustomOp3 for Attention {
                                             }
                                             (None, _) => p,
                                         };
-                                        let (go, vo) = (gd.as_ptr().add(off), vd.as_ptr().add(off));
-                                        // dPd = dO·Vᵀ (T×T)
-                                        mm(z.t, z.t, z.d, dp.as_mut_ptr(), z.t, go, z.h, 1, vo, 1, z.h, 1.0);
-                                        // dV = Pdᵀ·dO (T×d)
-                                        mm(z.t, z.d, z.t, pdv.0.add(off), z.h, pp.as_ptr(), 1, z.t, go, z.h, 1, 1.0);
+                                        let (go, vo) = (gd.as_ptr().add(oq), vd.as_ptr().add(ok));
+                                        // dPd = dO·Vᵀ (Tq×Tk)
+                                        mm(z.tq, z.tk, z.d, dp.as_mut_ptr(), z.tk, go, z.h, 1, vo, 1, z.h, 1.0);
+                                        // dV = Pdᵀ·dO (Tk×d)
+                                        mm(z.tk, z.d, z.tq, pdv.0.add(ok), z.h, pp.as_ptr(), 1, z.tk, go, z.h, 1, 1.0);
                                         match (&self.dropout, bits) {
                                             (Some(dr), Some(bits)) => simd::bits_inplace(bits, dr.scale, dp),
                                             (Some(dr), None) => dr.apply_inplace((bh * tt) as u64, dp),
                                             (None, _) => {}
                                         }
                                         // dS = P ⊙ (dP − rowsum(dP ⊙ P)), in place in dp.
-                                        simd::softmax_bwd_inplace_rows(p, dp, z.t);
-                                        // dQ = dS·K·scale, dK = dSᵀ·Q·scale
-                                        mm(z.t, z.d, z.t, pdq.0.add(off), z.h, dp.as_ptr(), z.t, 1, kd.as_ptr().add(off), z.h, 1, self.scale);
-                                        mm(z.t, z.d, z.t, pdk.0.add(off), z.h, dp.as_ptr(), 1, z.t, qd.as_ptr().add(off), z.h, 1, self.scale);
+                                        simd::softmax_bwd_inplace_rows(p, dp, z.tk);
+                                        // dQ = dS·K·scale (Tq×d), dK = dSᵀ·Q·scale (Tk×d)
+                                        mm(z.tq, z.d, z.tk, pdq.0.add(oq), z.h, dp.as_ptr(), z.tk, 1, kd.as_ptr().add(ok), z.h, 1, self.scale);
+                                        mm(z.tk, z.d, z.tq, pdk.0.add(ok), z.h, dp.as_ptr(), 1, z.tk, qd.as_ptr().add(oq), z.h, 1, self.scale);
                                     }
                                 },
                             )
@@ -230,12 +245,12 @@ impl CustomOp3 for Attention {
         // dk and dv (products that do not read their destination); together
         // they cover all n elements.
         unsafe {
-            dq.set_len(n);
-            dk.set_len(n);
-            dv.set_len(n);
+            dq.set_len(nq);
+            dk.set_len(nk);
+            dv.set_len(nk);
         }
-        let mk = |x: Vec<f32>| Tensor::from_vec(x, q.shape(), q.device());
-        Ok((Some(mk(dq)?), Some(mk(dk)?), Some(mk(dv)?)))
+        let dev = q.device();
+        Ok((Some(Tensor::from_vec(dq, q.shape(), dev)?), Some(Tensor::from_vec(dk, k.shape(), dev)?), Some(Tensor::from_vec(dv, v.shape(), dev)?)))
     }
 }
 
@@ -245,7 +260,7 @@ impl CustomOp3 for Attention {
 /// Returns the context `(B, T, H)`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize, p: f32, train: bool) -> Result<Tensor> {
     let cpu = q.device().is_cpu() && q.dtype() == DType::F32;
-    if !cpu || q.dim(1)? != k.dim(1)? {
+    if !cpu {
         return attention_reference(q, k, v, mask, heads, p, train);
     }
     if !(0.0..1.0).contains(&p) {
@@ -261,8 +276,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize
 /// The same attention from candle primitives (and the masked softmax and
 /// dropout ops): head split, batched matmuls, materialised probabilities.
 /// Queries may cover fewer positions than keys and values: q `(B, Tq, H)`,
-/// k and v `(B, T, H)`, mask `(B, T)`; the context is `(B, Tq, H)` (the fused
-/// op above routes `Tq != T` here).
+/// k and v `(B, T, H)`, mask `(B, T)`; the context is `(B, Tq, H)`, as in
+/// the fused op.
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize, p: f32, train: bool) -> Result<Tensor> {
     let (b, tq, h) = q.dims3()?;
     let t = k.dim(1)?;
@@ -286,11 +301,16 @@ mod tests {
     use candle_core::Var;
 
     fn run(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, seed: u64) -> (Tensor, [Tensor; 3]) {
+        run_tq(f, seed, 7)
+    }
+
+    /// [`run`] with queries at the first `tq` of the 7 positions.
+    fn run_tq(f: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>, seed: u64, tq: usize) -> (Tensor, [Tensor; 3]) {
         let (b, t, h) = (3, 7, 8);
-        let q = Var::from_tensor(&randn(&[b, t, h], 1)).unwrap();
+        let q = Var::from_tensor(&randn(&[b, t, h], 1).narrow(1, 0, tq).unwrap().contiguous().unwrap()).unwrap();
         let k = Var::from_tensor(&randn(&[b, t, h], 2)).unwrap();
         let v = Var::from_tensor(&randn(&[b, t, h], 3)).unwrap();
-        let w = randn(&[b, t, h], 4);
+        let w = randn(&[b, tq, h], 4);
         set_dropout_seed(seed);
         let y = f(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
         let loss = (&y * &w).unwrap().sum_all().unwrap();
@@ -328,6 +348,33 @@ mod tests {
                 assert!(a.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
             }
         }
+    }
+
+    #[test]
+    fn fewer_queries_than_keys_match_the_reference() {
+        // The encoder's last layer: queries at the first position (or a
+        // few), keys and values at all of them.
+        let _guard = DROPOUT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        for tq in [1, 3] {
+            for (p, train) in [(0.0, true), (0.3, true), (0.3, false)] {
+                let m = mask();
+                let (y, g) = run_tq(|q, k, v| attention(q, k, v, &m, 2, p, train), 5, tq);
+                let (yr, gr) = run_tq(|q, k, v| attention_reference(q, k, v, &m, 2, p, train), 5, tq);
+                assert_eq!(y.dims(), &[3, tq, 8]);
+                assert!(max_abs(&y, &yr) < 1e-5, "tq={tq} p={p}: values differ by {}", max_abs(&y, &yr));
+                for (i, (a, b)) in g.iter().zip(&gr).enumerate() {
+                    assert_eq!(a.dims(), b.dims());
+                    let e = max_abs(a, b);
+                    assert!(e < 1e-4, "tq={tq} p={p} train={train}: gradient of input {i} differs by {e}");
+                    assert!(a.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+                }
+            }
+        }
+        // A mask that does not fit the keys is an error, not a panic.
+        let q = randn(&[3, 1, 8], 1);
+        let k = randn(&[3, 7, 8], 2);
+        let bad = Tensor::zeros((3, 6), DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(attention(&q, &k, &k, &bad, 2, 0.0, false).is_err());
     }
 
     #[test]

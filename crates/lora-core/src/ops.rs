@@ -8,11 +8,9 @@
 //! Each op has a reference path built from candle primitives (`*_reference`),
 //! which the tests use to check forward values and gradients.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor,
-};
 use crate::amx::{self, PackedBf16, Packs};
 use crate::simd::{self, Mask};
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
@@ -58,21 +56,31 @@ pub(crate) fn par_new(n: usize, chunk: usize, f: impl Fn(usize, &mut [f32]) + Sy
     v
 }
 
-/// A new buffer of `src.len()` f32 written alongside `src`, as [`par_new`]
-/// writes one: `f(s, d)` gets the same chunk of each (`d` zeroed just before).
-pub(crate) fn par_new_beside(src: &mut [f32], chunk: usize, f: impl Fn(&mut [f32], &mut [f32]) + Sync) -> Vec<f32> {
-    let (n, chunk) = (src.len(), chunk.max(1));
+/// A new buffer of `n` f32 written in parallel chunks by `f(start, chunk)`
+/// without a zero-fill first (on short sequences the fills of fresh
+/// buffers were ~3% of a training step).
+///
+/// # Safety
+/// `f` must write every element of each chunk it is given.
+pub(crate) unsafe fn par_new_uninit(n: usize, chunk: usize, f: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let chunk = chunk.max(1);
     let mut v: Vec<f32> = Vec::with_capacity(n);
-    src.par_chunks_mut(chunk).zip(v.spare_capacity_mut()[..n].par_chunks_mut(chunk)).for_each(|(s, c)| {
-        c.fill(MaybeUninit::new(0.0));
-        // SAFETY: every element of `c` was initialised on the line above, and
-        // MaybeUninit<f32> has f32's layout.
-        let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
-        f(s, c)
-    });
-    // SAFETY: each of the n elements was initialised by its chunk above.
+    v.spare_capacity_mut()[..n].par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i * chunk, c));
+    // SAFETY: the caller's `f` wrote each of the n elements.
     unsafe { v.set_len(n) };
     v
+}
+
+/// A new buffer of `src.len()` f32, each parallel chunk a copy of `src`'s
+/// then handed to `f(start, chunk)` to update in place: no zero-fill first.
+pub(crate) fn par_new_copy(src: &[f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    // SAFETY: each chunk is initialised by the copy before it is viewed as f32.
+    unsafe {
+        par_new_uninit(src.len(), chunk, |s, c| {
+            std::ptr::copy_nonoverlapping(src.as_ptr().add(s), c.as_mut_ptr() as *mut f32, c.len());
+            f(s, &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]))
+        })
+    }
 }
 
 /// Two new buffers of `n` f32 written together, as [`par_new`] writes one:
@@ -129,17 +137,13 @@ pub(crate) fn masked_new_recording(mask: &Mask, src: &[f32]) -> (Vec<f32>, KeptM
     let n = src.len();
     let mut bits = vec![0u64; simd::bit_words(n)];
     let mut v: Vec<f32> = Vec::with_capacity(n);
-    v.spare_capacity_mut()[..n]
-        .par_chunks_mut(FILL_CHUNK)
-        .zip(bits.par_chunks_mut(FILL_CHUNK / 64))
-        .enumerate()
-        .for_each(|(i, (c, b))| {
-            c.fill(MaybeUninit::new(0.0));
-            // SAFETY: initialised on the line above; MaybeUninit<f32> has f32's layout.
-            let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
-            let s = i * FILL_CHUNK;
-            mask.apply_recording(s as u64, &src[s..s + c.len()], c, false, b);
-        });
+    v.spare_capacity_mut()[..n].par_chunks_mut(FILL_CHUNK).zip(bits.par_chunks_mut(FILL_CHUNK / 64)).enumerate().for_each(|(i, (c, b))| {
+        c.fill(MaybeUninit::new(0.0));
+        // SAFETY: initialised on the line above; MaybeUninit<f32> has f32's layout.
+        let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        let s = i * FILL_CHUNK;
+        mask.apply_recording(s as u64, &src[s..s + c.len()], c, false, b);
+    });
     // SAFETY: the chunks above cover all n elements.
     unsafe { v.set_len(n) };
     (v, KeptMask { bits, scale: mask.scale })
@@ -152,10 +156,7 @@ pub(crate) fn kept_masked_new(kept: &KeptMask, src: &[f32]) -> Vec<f32> {
 
 /// `dst (+)= kept(src)`, in parallel chunks.
 pub(crate) fn kept_apply_par(kept: &KeptMask, src: &[f32], dst: &mut [f32], accumulate: bool) {
-    dst.par_chunks_mut(FILL_CHUNK)
-        .zip(src.par_chunks(FILL_CHUNK))
-        .enumerate()
-        .for_each(|(c, (d, s))| simd::bits_apply(&kept.bits[c * FILL_CHUNK / 64..], kept.scale, s, d, accumulate));
+    dst.par_chunks_mut(FILL_CHUNK).zip(src.par_chunks(FILL_CHUNK)).enumerate().for_each(|(c, (d, s))| simd::bits_apply(&kept.bits[c * FILL_CHUNK / 64..], kept.scale, s, d, accumulate));
 }
 
 /// `src.to_vec()`, copied by the worker threads.
@@ -304,19 +305,7 @@ unsafe fn gemm_raw(m: usize, n: usize, k: usize, dst: *mut f32, read_dst: bool, 
 
 /// `dst (m×n) = [dst +] lhs (m×k, row stride lhs_rs, col stride lhs_cs) · rhs (k×n, strides)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    lhs_cs: usize,
-    rhs: &[f32],
-    rhs_rs: usize,
-    rhs_cs: usize,
-) {
+pub(crate) fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize) {
     assert!(dst.len() >= m * n, "sgemm: destination too short");
     check_operands(m, n, k, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs);
     if k == 0 {
@@ -378,9 +367,7 @@ impl CustomOp1 for FrozenLinear {
         let (out_f, in_f) = self.weight.dims2()?;
         let g = grad.contiguous()?;
         let m = g.elem_count() / out_f;
-        let dx = with_f32(&g, "frozen-linear-bwd", |g| {
-            with_f32(&self.weight, "frozen-linear-bwd", |w| input_grad(m, g, w, out_f, in_f, self.packs.as_deref()))
-        })??;
+        let dx = with_f32(&g, "frozen-linear-bwd", |g| with_f32(&self.weight, "frozen-linear-bwd", |w| input_grad(m, g, w, out_f, in_f, self.packs.as_deref())))??;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -636,9 +623,10 @@ mod lora_kernels {
     }
 
     /// `d_i = bias + Σ_j h[i·r + j]·bt_j` for the rows of `d` (width `n`);
-    /// `bt` (r×n) row-major. Dispatches to a kernel with `r` fixed.
+    /// `bt` (r×n) row-major. Dispatches to a kernel with `r` fixed. Every
+    /// element of `d` is stored (none read), so `d` may be uninitialised.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn up(h: &[f32], r: usize, bt: &[f32], bias: Option<&[f32]>, d: &mut [f32], n: usize) {
+    pub(super) unsafe fn up(h: &[f32], r: usize, bt: &[f32], bias: Option<&[f32]>, d: &mut [std::mem::MaybeUninit<f32>], n: usize) {
         let rows = d.len() / n.max(1);
         assert!(h.len() >= rows * r && bt.len() >= r * n && r <= 16 && bias.is_none_or(|b| b.len() >= n));
         macro_rules! go {
@@ -656,8 +644,8 @@ mod lora_kernels {
     /// registers while every row of the task passes (one broadcast of `h`
     /// and one FMA per rank, one store per row).
     #[target_feature(enable = "avx512f")]
-    unsafe fn up_r<const R: usize>(h: &[f32], bt: &[f32], bias: Option<&[f32]>, d: &mut [f32], n: usize, rows: usize) {
-        let (hp, btp, dp) = (h.as_ptr(), bt.as_ptr(), d.as_mut_ptr());
+    unsafe fn up_r<const R: usize>(h: &[f32], bt: &[f32], bias: Option<&[f32]>, d: &mut [std::mem::MaybeUninit<f32>], n: usize, rows: usize) {
+        let (hp, btp, dp) = (h.as_ptr(), bt.as_ptr(), d.as_mut_ptr() as *mut f32);
         let mut c = 0;
         while c < n {
             let m = if c + 16 <= n { u16::MAX } else { ((1u32 << (n - c)) - 1) as u16 };
@@ -687,7 +675,7 @@ pub(crate) fn rank_update_new(m: usize, out_f: usize, r: usize, h: &[f32], b: &[
     let bt = transpose_par(b, out_f, r);
     let rows = rows_per_task(out_f);
     let avx512 = r <= 16 && simd::level() == simd::Level::Avx512;
-    par_new(m * out_f, rows * out_f, |s, d| {
+    let rows_of = |s: usize, d: &mut [MaybeUninit<f32>]| {
         let i0 = s / out_f.max(1);
         #[cfg(target_arch = "x86_64")]
         if avx512 {
@@ -695,8 +683,14 @@ pub(crate) fn rank_update_new(m: usize, out_f: usize, r: usize, h: &[f32], b: &[
             // bt r×out, bias out.
             return unsafe { lora_kernels::up(&h[i0 * r..], r, &bt, bias, d, out_f) };
         }
+        d.fill(MaybeUninit::new(0.0));
+        // SAFETY: initialised on the line above.
+        let d = unsafe { &mut *(d as *mut [MaybeUninit<f32>] as *mut [f32]) };
         simd::rank_update_rows(&h[i0 * r..], r, &bt, bias, d, out_f)
-    })
+    };
+    // SAFETY: the AVX-512 kernel stores every element of its rows; the
+    // fallback's chunk is zero-filled first.
+    unsafe { par_new_uninit(m * out_f, rows * out_f, rows_of) }
 }
 
 /// `x·Wᵀ + b` on the bf16 tiles over the layer's packed weight (`packs`, or a
@@ -739,11 +733,7 @@ pub fn frozen_linear_packed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, 
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return linear_reference(x, weight, bias);
     }
-    let op = FrozenLinear {
-        weight: weight.detach().contiguous()?,
-        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
-        packs: packs.cloned(),
-    };
+    let op = FrozenLinear { weight: weight.detach().contiguous()?, bias: bias.map(|b| b.detach().contiguous()).transpose()?, packs: packs.cloned() };
     x.contiguous()?.apply_op1(op)
 }
 
@@ -798,9 +788,7 @@ impl CustomOp1 for LayerNorm {
         let x = f32_slice(s, l, "layer-norm")?;
         let h = l.dims().last().copied().unwrap_or(1);
         let rows = rows_per_task(h);
-        let dst = with_f32(&self.gamma, "layer-norm", |g| {
-            with_f32(&self.beta, "layer-norm", |b| par_new(x.len(), h * rows, |s, d| simd::layer_norm_rows(&x[s..s + d.len()], g, b, self.eps, d, h)))
-        })??;
+        let dst = with_f32(&self.gamma, "layer-norm", |g| with_f32(&self.beta, "layer-norm", |b| par_new(x.len(), h * rows, |s, d| simd::layer_norm_rows(&x[s..s + d.len()], g, b, self.eps, d, h))))??;
         Ok((CpuStorage::F32(dst), l.shape().clone()))
     }
 
@@ -811,9 +799,7 @@ impl CustomOp1 for LayerNorm {
         let rows = rows_per_task(h);
         let dx = with_f32(&x, "layer-norm-bwd", |x| {
             with_f32(&g, "layer-norm-bwd", |gr| {
-                with_f32(&self.gamma, "layer-norm-bwd", |gamma| {
-                    par_new(x.len(), h * rows, |s, d| simd::layer_norm_bwd_rows(&x[s..s + d.len()], &gr[s..s + d.len()], gamma, self.eps, d, h))
-                })
+                with_f32(&self.gamma, "layer-norm-bwd", |gamma| par_new(x.len(), h * rows, |s, d| simd::layer_norm_bwd_rows(&x[s..s + d.len()], &gr[s..s + d.len()], gamma, self.eps, d, h)))
             })
         })???;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
@@ -825,11 +811,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return layer_norm_reference(x, gamma, beta, eps);
     }
-    let op = LayerNorm {
-        gamma: gamma.detach().contiguous()?,
-        beta: beta.detach().contiguous()?,
-        eps: eps as f32,
-    };
+    let op = LayerNorm { gamma: gamma.detach().contiguous()?, beta: beta.detach().contiguous()?, eps: eps as f32 };
     x.contiguous()?.apply_op1(op)
 }
 
@@ -867,9 +849,7 @@ impl CustomOp1 for Softmax {
         let y = res.contiguous()?;
         let g = grad.contiguous()?;
         let rows = rows_per_task(h);
-        let dx = with_f32(&y, "softmax-bwd", |y| {
-            with_f32(&g, "softmax-bwd", |g| par_new(y.len(), h * rows, |s, d| simd::softmax_bwd_rows(&y[s..s + d.len()], &g[s..s + d.len()], d, h)))
-        })??;
+        let dx = with_f32(&y, "softmax-bwd", |y| with_f32(&g, "softmax-bwd", |g| par_new(y.len(), h * rows, |s, d| simd::softmax_bwd_rows(&y[s..s + d.len()], &g[s..s + d.len()], d, h))))??;
         Ok(Some(Tensor::from_vec(dx, res.shape(), res.device())?))
     }
 }
@@ -973,7 +953,11 @@ impl CustomOp1 for GeluErf {
         let g = grad.contiguous()?;
         let saved = self.deriv.lock().unwrap_or_else(|e| e.into_inner()).take();
         let dx = match saved {
-            Some(d) if d.len() == g.elem_count() => with_f32(&g, "gelu-bwd", |g| mul_new(g, &d))?,
+            Some(mut d) if d.len() == g.elem_count() => {
+                // The kept derivative becomes the gradient, in place.
+                with_f32(&g, "gelu-bwd", |g| d.par_chunks_mut(4096).zip(g.par_chunks(4096)).for_each(|(d, g)| simd::mul_assign(d, g)))?;
+                d
+            }
             // A second backward pass over the same graph: from the input.
             _ => {
                 let x = arg.contiguous()?;
@@ -984,11 +968,6 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// `g ⊙ d` (a kept `gelu'` times the gradient), in parallel chunks.
-fn mul_new(g: &[f32], d: &[f32]) -> Vec<f32> {
-    par_new(g.len(), 4096, |s, o| simd::mul_into(&g[s..s + o.len()], &d[s..s + o.len()], o))
-}
-
 /// `g · gelu'(x)`, in parallel chunks.
 fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
     par_new(x.len(), 4096, |s, d| simd::gelu_bwd(&x[s..s + d.len()], &g[s..s + d.len()], d))
@@ -997,17 +976,35 @@ fn gelu_grad(x: &[f32], g: &[f32]) -> Vec<f32> {
 /// `gelu(x·Wᵀ + b)` for a frozen `W` as one op. On the bf16 tiles GELU is
 /// applied to each block as it leaves the tile unit, and the
 /// pre-activations are kept when the input tracks a gradient. In f32 the
-/// GEMM writes the output buffer without the bias, and one pass adds the
-/// bias and applies GELU in place (no bias broadcast for the GEMM to
-/// accumulate onto, no second M×out buffer); `gelu'` is kept instead of the
-/// pre-activations, so the backward is a multiply and the input gradient.
+/// GEMM writes the output buffer without the bias (no bias broadcast for it
+/// to accumulate onto), and one pass adds the bias and applies GELU: in
+/// place at inference; in training into a new buffer while the GEMM's
+/// output is overwritten with `gelu'` for the backward pass, which
+/// multiplies the gradient into it in place. Against keeping `gelu'` in a
+/// buffer of its own and multiplying into a third, that is two fresh M×out
+/// buffers fewer per step, with the same values bit for bit.
 struct FrozenLinearGelu {
     weight: Tensor,
     bias: Option<Tensor>,
     packs: Option<Arc<Packs>>,
     keep: bool,
-    pre: std::sync::Mutex<Option<Vec<f32>>>,
-    deriv: std::sync::Mutex<Option<Vec<f32>>>,
+    saved: std::sync::Mutex<Option<GeluSaved>>,
+}
+
+/// What a [`FrozenLinearGelu`] keeps for its backward pass.
+enum GeluSaved {
+    /// `gelu'(x·Wᵀ + b)` (f32: the GEMM's output buffer, overwritten).
+    Slope(Vec<f32>),
+    /// `x·Wᵀ + b` (the bf16 tiles' kept values, or recomputed).
+    Pre(Vec<f32>),
+}
+
+impl GeluSaved {
+    fn len(&self) -> usize {
+        match self {
+            Self::Slope(v) | Self::Pre(v) => v.len(),
+        }
+    }
 }
 
 impl CustomOp1 for FrozenLinearGelu {
@@ -1026,41 +1023,68 @@ impl CustomOp1 for FrozenLinearGelu {
             let chunk = out_f * rows_per_task(out_f);
             let mut run = |b: Option<&[f32]>| {
                 if self.keep {
-                    Some(par_new_beside(&mut y, chunk, |y, d| simd::gelu_inplace_with_grad(y, b, d)))
+                    // The activation goes to a new buffer, the GEMM's output
+                    // becomes the derivative kept for the backward pass.
+                    let yp = SendPtr(y.as_mut_ptr());
+                    // SAFETY: gelu_into_with_grad writes every element of its
+                    // chunk of the new buffer; chunk s of the new buffer goes
+                    // with chunk s of `y` (same length), which no other chunk
+                    // touches.
+                    Some(unsafe {
+                        par_new_uninit(y.len(), chunk, |s, d| {
+                            let x = std::slice::from_raw_parts_mut(yp.get().add(s), d.len());
+                            simd::gelu_into_with_grad(x, b, d)
+                        })
+                    })
                 } else {
                     y.par_chunks_mut(chunk).for_each(|y| simd::gelu_inplace(y, b));
                     None
                 }
             };
-            let deriv = match &self.bias {
+            let act = match &self.bias {
                 Some(b) if b.elem_count() != out_f => candle_core::bail!("frozen-linear-gelu: bias has {} values, the layer {out_f} outputs", b.elem_count()),
                 Some(b) => with_f32(b, "frozen-linear-gelu", |b| run(Some(b)))?,
                 None => run(None),
             };
-            *self.deriv.lock().unwrap_or_else(|e| e.into_inner()) = deriv;
+            let y = match act {
+                Some(act) => {
+                    *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(GeluSaved::Slope(y));
+                    act
+                }
+                None => y,
+            };
             return Ok((CpuStorage::F32(y), shape));
         }
         let (y, pre) = linear_rows_bf16(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), true, self.keep, "frozen-linear-gelu")?;
-        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = pre;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = pre.map(GeluSaved::Pre);
         Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (out_f, in_f) = self.weight.dims2()?;
-        let deriv = self.deriv.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut pre = self.pre.lock().unwrap_or_else(|e| e.into_inner()).take();
         let g = grad.contiguous()?;
         let m = g.elem_count() / out_f.max(1);
-        if deriv.as_ref().is_none_or(|d| d.len() != g.elem_count()) && pre.as_ref().is_none_or(|p| p.len() != g.elem_count()) {
-            // A second backward pass over the same graph: from the input.
-            let x = arg.contiguous()?;
-            pre = Some(with_f32(&x, "frozen-linear-gelu-bwd", |x| linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear-gelu-bwd"))??);
-        }
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|p| p.len() == g.elem_count());
+        let saved = match saved {
+            Some(p) => p,
+            None => {
+                // A second backward pass over the same graph: from the input.
+                let x = arg.contiguous()?;
+                GeluSaved::Pre(with_f32(&x, "frozen-linear-gelu-bwd", |x| linear_rows(x, &self.weight, self.bias.as_ref(), self.packs.as_deref(), "frozen-linear-gelu-bwd"))??)
+            }
+        };
         let dx = with_f32(&g, "frozen-linear-gelu-bwd", |g| {
-            let dpre = match (&deriv, &pre) {
-                (Some(d), _) if d.len() == g.len() => mul_new(g, d),
-                (_, Some(p)) => gelu_grad(p, g),
-                (_, None) => unreachable!("recomputed above"),
+            // dpre = g·gelu'(pre), in place over what the forward kept.
+            let chunk = out_f * rows_per_task(out_f);
+            let dpre = match saved {
+                GeluSaved::Slope(mut d) => {
+                    d.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(d, g)| simd::mul_assign(d, g));
+                    d
+                }
+                GeluSaved::Pre(mut p) => {
+                    p.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(d, g)| simd::gelu_bwd_inplace(d, g));
+                    p
+                }
             };
             with_f32(&self.weight, "frozen-linear-gelu-bwd", |w| input_grad(m, &dpre, w, out_f, in_f, self.packs.as_deref()))
         })??;
@@ -1075,14 +1099,7 @@ pub fn frozen_linear_gelu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, pa
     if x.dtype() != DType::F32 || !x.device().is_cpu() || weight.dtype() != DType::F32 || !weight.device().is_cpu() || crate::lora_op::reference_requested() {
         return gelu_erf(&frozen_linear_packed(x, weight, bias, packs)?);
     }
-    let op = FrozenLinearGelu {
-        weight: weight.detach().contiguous()?,
-        bias: bias.map(|b| b.detach().contiguous()).transpose()?,
-        packs: packs.cloned(),
-        keep: x.track_op(),
-        pre: Default::default(),
-        deriv: Default::default(),
-    };
+    let op = FrozenLinearGelu { weight: weight.detach().contiguous()?, bias: bias.map(|b| b.detach().contiguous()).transpose()?, packs: packs.cloned(), keep: x.track_op(), saved: Default::default() };
     x.contiguous()?.apply_op1(op)
 }
 
@@ -1169,16 +1186,7 @@ pub(crate) mod tests {
     pub(crate) static DROPOUT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     pub(crate) fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
     }
 
     pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -1191,12 +1199,7 @@ pub(crate) mod tests {
 
     /// Checks forward values and input gradients of `fast` against `reference`
     /// under a random linear functional of the output.
-    pub(crate) fn check(
-        fast: impl Fn(&Tensor) -> Result<Tensor>,
-        reference: impl Fn(&Tensor) -> Result<Tensor>,
-        shape: &[usize],
-        tol: f32,
-    ) {
+    pub(crate) fn check(fast: impl Fn(&Tensor) -> Result<Tensor>, reference: impl Fn(&Tensor) -> Result<Tensor>, shape: &[usize], tol: f32) {
         let x = Var::from_tensor(&randn(shape, 1)).unwrap();
         let yf = fast(x.as_tensor()).unwrap();
         let yr = reference(x.as_tensor()).unwrap();
@@ -1226,18 +1229,8 @@ pub(crate) mod tests {
     fn frozen_linear_matches_matmul_and_has_no_weight_grad() {
         let w = randn(&[7, 5], 3);
         let b = randn(&[7], 4);
-        check(
-            |x| frozen_linear(x, &w, Some(&b)),
-            |x| linear_reference(x, &w, Some(&b)),
-            &[2, 3, 5],
-            1e-5,
-        );
-        check(
-            |x| frozen_linear(x, &w, None),
-            |x| linear_reference(x, &w, None),
-            &[4, 5],
-            1e-5,
-        );
+        check(|x| frozen_linear(x, &w, Some(&b)), |x| linear_reference(x, &w, Some(&b)), &[2, 3, 5], 1e-5);
+        check(|x| frozen_linear(x, &w, None), |x| linear_reference(x, &w, None), &[4, 5], 1e-5);
         // A frozen weight that is a Var still gets no gradient through this op.
         let wv = Var::from_tensor(&w).unwrap();
         let x = Var::from_tensor(&randn(&[3, 5], 5)).unwrap();
@@ -1251,12 +1244,7 @@ pub(crate) mod tests {
     fn layer_norm_matches_reference() {
         let g = randn(&[16], 6);
         let b = randn(&[16], 7);
-        check(
-            |x| layer_norm(x, &g, &b, 1e-12),
-            |x| layer_norm_reference(x, &g, &b, 1e-12),
-            &[3, 4, 16],
-            1e-4,
-        );
+        check(|x| layer_norm(x, &g, &b, 1e-12), |x| layer_norm_reference(x, &g, &b, 1e-12), &[3, 4, 16], 1e-4);
     }
 
     #[test]
@@ -1271,12 +1259,7 @@ pub(crate) mod tests {
         bias[9 + 8] = f32::MIN;
         let bias = Tensor::from_vec(bias, (2, 9), &Device::Cpu).unwrap();
         let b4 = bias.reshape((2, 1, 1, 9)).unwrap();
-        check(
-            |x| masked_softmax(x, &bias),
-            |x| softmax_reference(&x.broadcast_add(&b4)?),
-            &[2, 3, 4, 9],
-            1e-5,
-        );
+        check(|x| masked_softmax(x, &bias), |x| softmax_reference(&x.broadcast_add(&b4)?), &[2, 3, 4, 9], 1e-5);
     }
 
     #[test]

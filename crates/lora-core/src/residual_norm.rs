@@ -7,7 +7,7 @@
 //! (the unfused ops) gives the same values; the tests check both gradients
 //! against it.
 
-use crate::ops::{copy_par, dropout, f32_slice, kept_masked_new, layer_norm, masked_new, next_dropout_seed, par_new, rows_per_task, with_f32, KeptMask, SendPtr};
+use crate::ops::{copy_par, dropout, f32_slice, kept_masked_new, layer_norm, masked_new, next_dropout_seed, par_new, par_new_copy, rows_per_task, with_f32, KeptMask, SendPtr};
 use crate::simd::{self, Mask};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
@@ -29,9 +29,8 @@ const SUM_CHUNK: usize = 16384;
 impl AddDropoutNorm {
     /// `z = dropout(y) + residual`, in parallel chunks of whole rows.
     fn sum(&self, y: &[f32], r: &[f32]) -> Vec<f32> {
-        par_new(r.len(), SUM_CHUNK, |s, z| {
-            let (r, y) = (&r[s..s + z.len()], &y[s..s + z.len()]);
-            z.copy_from_slice(r);
+        par_new_copy(r, SUM_CHUNK, |s, z| {
+            let y = &y[s..s + z.len()];
             match &self.mask {
                 Some(m) => m.apply(s as u64, y, z, true),
                 None => {
@@ -47,10 +46,9 @@ impl AddDropoutNorm {
     fn sum_recording(&self, m: &Mask, y: &[f32], r: &[f32]) -> (Vec<f32>, KeptMask) {
         let mut bits = vec![0u64; simd::bit_words(r.len())];
         let bp = SendPtr(bits.as_mut_ptr());
-        let z = par_new(r.len(), SUM_CHUNK, |s, z| {
+        let z = par_new_copy(r, SUM_CHUNK, |s, z| {
             // SAFETY: chunk s/SUM_CHUNK owns words s/64 .. s/64 + ⌈len/64⌉ of `bits`.
             let b = unsafe { std::slice::from_raw_parts_mut(bp.get().add(s / 64), simd::bit_words(z.len())) };
-            z.copy_from_slice(&r[s..s + z.len()]);
             m.apply_recording(s as u64, &y[s..s + z.len()], z, true, b);
         });
         (z, KeptMask { bits, scale: m.scale })
@@ -99,9 +97,7 @@ impl CustomOp2 for AddDropoutNorm {
         };
         let chunk = h * rows_per_task(h);
         let dz = with_f32(&g, "add-dropout-layer-norm-bwd", |gv| {
-            with_f32(&self.gamma, "add-dropout-layer-norm-bwd", |gamma| {
-                par_new(z.len(), chunk, |s, d| simd::layer_norm_bwd_rows(&z[s..s + d.len()], &gv[s..s + d.len()], gamma, self.eps, d, h))
-            })
+            with_f32(&self.gamma, "add-dropout-layer-norm-bwd", |gamma| par_new(z.len(), chunk, |s, d| simd::layer_norm_bwd_rows(&z[s..s + d.len()], &gv[s..s + d.len()], gamma, self.eps, d, h)))
         })??;
         drop(z);
         let kept = self.kept.lock().unwrap_or_else(|e| e.into_inner()).take().filter(|k| k.fits(dz.len()));

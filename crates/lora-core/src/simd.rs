@@ -223,10 +223,7 @@ impl Mask {
     pub fn apply_par(&self, src: &[f32], dst: &mut [f32], accumulate: bool) {
         use rayon::prelude::*;
         const CHUNK: usize = 16384;
-        dst.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (d, s))| self.apply((c * CHUNK) as u64, s, d, accumulate));
+        dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).enumerate().for_each(|(c, (d, s))| self.apply((c * CHUNK) as u64, s, d, accumulate));
     }
 }
 
@@ -467,8 +464,7 @@ pub fn fast_exp(x: f32) -> f32 {
     // Separate multiplies and adds, no `mul_add`: this is also called from
     // code compiled for baseline x86-64, where `mul_add` is a libm call
     // (a 50% slower decoder step when it was).
-    let p = 1.0
-        + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
+    let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
     let ni = (r.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let e = f32::from_bits(((ni + 127) << 23) as u32) * p;
     if x < -87.0 {
@@ -488,15 +484,7 @@ pub fn fast_exp(x: f32) -> f32 {
 pub fn erf(x: f32) -> f32 {
     // The published coefficients (Eigen's generic_fast_erf_float), rounded
     // to f32 at compile time.
-    const A: [f64; 7] = [
-        -2.72614225801306e-10,
-        2.77068142495902e-08,
-        -2.10102402082508e-06,
-        -5.69250639462346e-05,
-        -7.34990630326855e-04,
-        -2.95459980854025e-03,
-        -1.60960333262415e-02,
-    ];
+    const A: [f64; 7] = [-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02];
     const B: [f64; 5] = [-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03, -1.42647390514189e-02];
     let x = x.clamp(-4.0, 4.0);
     let x2 = x * x;
@@ -592,20 +580,32 @@ multiversion! {
 }
 
 multiversion! {
-    /// [`gelu_inplace`] that also writes `dydx = gelu'(x + bias)`.
-    pub(crate) fn gelu_inplace_with_grad(x: &mut [f32], bias: Option<&[f32]>, dydx: &mut [f32]) {
+    /// The training forward's GELU: `y = gelu(x + bias)` (the bias over rows
+    /// of `bias.len()` columns, `x` whole rows) into a buffer not yet written
+    /// (every element of `y` is written), and `x` replaced by
+    /// `gelu'(x + bias)`, one erf for both: bit for bit [`gelu_inplace`]'s
+    /// values and [`gelu_bwd`]'s slope. The GEMM's output buffer thus becomes
+    /// the derivative kept for the backward pass (written where it was just
+    /// read), which multiplies the gradient into it in place
+    /// ([`mul_assign`]): no fresh derivative buffer in the forward pass and no
+    /// fresh gradient buffer in the backward.
+    pub(crate) fn gelu_into_with_grad(x: &mut [f32], bias: Option<&[f32]>, y: &mut [std::mem::MaybeUninit<f32>]) {
         match bias {
             Some(bias) => {
                 let w = bias.len().max(1);
-                for (row, drow) in x.chunks_mut(w).zip(dydx.chunks_mut(w)) {
-                    for ((o, dd), b) in row.iter_mut().zip(drow.iter_mut()).zip(bias) {
-                        (*o, *dd) = gelu_and_slope(*o + *b);
+                for (row, yrow) in x.chunks_mut(w).zip(y.chunks_mut(w)) {
+                    for ((o, dd), b) in yrow.iter_mut().zip(row.iter_mut()).zip(bias) {
+                        let (a, s) = gelu_and_slope(*dd + *b);
+                        o.write(a);
+                        *dd = s;
                     }
                 }
             }
             None => {
-                for (o, dd) in x.iter_mut().zip(dydx.iter_mut()) {
-                    (*o, *dd) = gelu_and_slope(*o);
+                for (o, dd) in y.iter_mut().zip(x.iter_mut()) {
+                    let (a, s) = gelu_and_slope(*dd);
+                    o.write(a);
+                    *dd = s;
                 }
             }
         }
@@ -613,10 +613,20 @@ multiversion! {
 }
 
 multiversion! {
-    /// `d = a ⊙ b`.
-    pub(crate) fn mul_into(a: &[f32], b: &[f32], d: &mut [f32]) {
-        for (o, (x, y)) in d.iter_mut().zip(a.iter().zip(b)) {
-            *o = *x * *y;
+    /// `d = d ⊙ g`.
+    pub(crate) fn mul_assign(d: &mut [f32], g: &[f32]) {
+        for (o, x) in d.iter_mut().zip(g) {
+            *o *= *x;
+        }
+    }
+}
+
+multiversion! {
+    /// `x = g · gelu'(x)` in place: bit for bit [`gelu_bwd`]'s values.
+    pub(crate) fn gelu_bwd_inplace(x: &mut [f32], g: &[f32]) {
+        for (o, &gi) in x.iter_mut().zip(g) {
+            let v = *o;
+            *o = gi * gelu_slope(v, erf(v * INV_SQRT2));
         }
     }
 }
@@ -845,7 +855,6 @@ mod avx512_softmax {
         // x < -87 gives exactly 0 (not a subnormal).
         _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, set(-87.0)), e)
     }
-
 
     /// Vectors of a row held in registers by [`short_row`].
     const SHORT: usize = 8;
@@ -1248,9 +1257,28 @@ mod tests {
         let g: Vec<f32> = x.iter().map(|v| 1.0 - 0.3 * v).collect();
         let mut want = vec![0f32; x.len()];
         gelu_bwd(&x, &g, &mut want);
-        let mut got = vec![0f32; x.len()];
-        mul_into(&g, &dd, &mut got);
+        let mut got = dd.clone();
+        mul_assign(&mut got, &g);
         assert_eq!(got, want);
+        // The fused training forward (bias over rows of 7), its derivative
+        // kept in place of the input, and the in-place backward kernel.
+        let bias: Vec<f32> = (0..7).map(|i| 0.1 * i as f32 - 0.3).collect();
+        let xb: Vec<f32> = x[..294].iter().enumerate().map(|(i, v)| v + bias[i % 7]).collect();
+        let (mut y3, mut d3) = (vec![0f32; 294], vec![0f32; 294]);
+        gelu_fwd_with_grad(&xb, &mut y3, &mut d3);
+        let mut slope = x[..294].to_vec();
+        let mut act = vec![std::mem::MaybeUninit::new(f32::NAN); 294];
+        gelu_into_with_grad(&mut slope, Some(&bias), &mut act);
+        let act: Vec<f32> = act.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(act, y3);
+        assert_eq!(slope, d3);
+        let mut nb = x.clone();
+        let mut act = vec![std::mem::MaybeUninit::new(f32::NAN); x.len()];
+        gelu_into_with_grad(&mut nb, None, &mut act);
+        assert_eq!(nb, dd);
+        let mut inplace = x.clone();
+        gelu_bwd_inplace(&mut inplace, &g);
+        assert_eq!(inplace, want);
         let mut s = x.clone();
         softmax_inplace(&mut s);
         let m = x.iter().cloned().fold(f32::MIN, f32::max) as f64;

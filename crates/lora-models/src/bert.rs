@@ -267,7 +267,7 @@ impl SelfAttention {
         let k = self.key.forward(x, train)?;
         let v = self.value.forward(x, train)?;
         // Fused: (B, T, H) in and out, no head-split copies (lora_core::attention;
-        // fewer query than key positions go to its reference path).
+        // the last layer's single query position too).
         // LORA_REFERENCE_ATTENTION=1 selects the unfused path (benchmark A/B).
         let attn = if reference_attention() { lora_core::attention::attention_reference } else { lora_core::attention::attention };
         let ctx = attn(&q, &k, &v, mask_bias, self.heads, self.attn_dropout as f32, train)?;
