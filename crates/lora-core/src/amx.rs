@@ -238,8 +238,11 @@ pub struct Packs {
     fwd: OnceLock<Arc<PackedBf16>>,
     /// `W` (out×in): the input gradient `g·W`.
     bwd: OnceLock<Arc<PackedBf16>>,
-    /// `Wᵀ` (in×out) row-major in f32: the forward `x·Wᵀ` at f32 precision.
-    f32t: OnceLock<Arc<Vec<f32>>>,
+    /// `Wᵀ` (in×out) in column panels ([`crate::ops::Panels`]): the f32
+    /// forward, read in place by the gemm crate.
+    f32p_fwd: OnceLock<Arc<crate::ops::Panels>>,
+    /// `W` (out×in) in column panels: the f32 input gradient.
+    f32p_bwd: OnceLock<Arc<crate::ops::Panels>>,
 }
 
 impl Packs {
@@ -257,13 +260,16 @@ impl Packs {
         self.bwd.get_or_init(|| Arc::new(PackedBf16::pack(w, out_f, in_f, in_f, 1))).clone()
     }
 
-    /// `Wᵀ` (in×out, row-major f32) for `w` (out×in) row-major: the f32
-    /// forward's right operand laid out so that the gemm crate reads it in
-    /// place. With `W` itself (a transposed view) the crate packs the whole
-    /// weight on the calling thread before every product while the other
-    /// workers wait; with `Wᵀ` each worker packs its own blocks.
-    pub fn forward_f32(&self, w: &[f32], out_f: usize, in_f: usize) -> Arc<Vec<f32>> {
-        self.f32t.get_or_init(|| Arc::new(crate::ops::transpose_par(w, out_f, in_f))).clone()
+    /// `Wᵀ` (in×out) in column panels, for `w` (out×in) row-major.
+    pub(crate) fn forward_panels(&self, w: &[f32], out_f: usize, in_f: usize) -> Arc<crate::ops::Panels> {
+        self.f32p_fwd
+            .get_or_init(|| Arc::new(crate::ops::Panels::pack(in_f, out_f, &crate::ops::transpose_par(w, out_f, in_f), out_f, 1)))
+            .clone()
+    }
+
+    /// `W` (out×in) in column panels, made on the first backward.
+    pub(crate) fn backward_panels(&self, w: &[f32], out_f: usize, in_f: usize) -> Arc<crate::ops::Panels> {
+        self.f32p_bwd.get_or_init(|| Arc::new(crate::ops::Panels::pack(out_f, in_f, w, in_f, 1))).clone()
     }
 
     /// Bytes held by the bf16 tile packs.
@@ -271,9 +277,9 @@ impl Packs {
         self.fwd.get().map_or(0, |p| p.bytes()) + self.bwd.get().map_or(0, |p| p.bytes())
     }
 
-    /// Bytes held by the f32 transposed copy.
+    /// Bytes held by the f32 panels (one copy of `W` each).
     pub fn f32_bytes(&self) -> usize {
-        self.f32t.get().map_or(0, |t| t.len() * 4)
+        self.f32p_fwd.get().map_or(0, |p| p.bytes()) + self.f32p_bwd.get().map_or(0, |p| p.bytes())
     }
 }
 

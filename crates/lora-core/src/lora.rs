@@ -518,7 +518,7 @@ mod tests {
     /// once, merge drops it with the old weight, and the merged layer uses a
     /// fresh copy of the new one.
     #[test]
-    fn f32_forward_on_the_transposed_copy_matches_matmul() {
+    fn f32_forward_on_the_weight_panels_matches_matmul() {
         let (m, out_f, in_f, r) = (70, 96, 80, 4);
         let w = rand(&[out_f, in_f]);
         let bias = rand(&[out_f]);
@@ -536,7 +536,7 @@ mod tests {
         let y = l.forward(&x, false).unwrap();
         let full = (&w + &delta).unwrap();
         assert!(max_abs(&y, &want(&full)) < 1e-5 * scale(&y), "unmerged layer vs x·(W+ΔW)ᵀ+b");
-        assert_eq!(l.read().packs.f32_bytes(), out_f * in_f * 4, "one transposed copy of W");
+        assert_eq!(l.read().packs.f32_bytes(), out_f * in_f * 4, "one panel copy of W");
         l.forward(&x, false).unwrap();
         assert_eq!(l.read().packs.f32_bytes(), out_f * in_f * 4, "made once");
         l.merge().unwrap();
