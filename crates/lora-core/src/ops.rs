@@ -1079,7 +1079,7 @@ impl CustomOp1 for GeluErf {
         let dx = match saved {
             Some(mut d) if d.len() == g.elem_count() => {
                 // The kept derivative becomes the gradient, in place.
-                with_f32(&g, "gelu-bwd", |g| d.par_chunks_mut(4096).zip(g.par_chunks(4096)).for_each(|(d, g)| simd::mul_assign(d, g)))?;
+                with_f32(&g, "gelu-bwd", |g| mul_assign_par(&mut d, g, 4096))?;
                 d
             }
             // A second backward pass over the same graph: from the input.
@@ -1090,6 +1090,11 @@ impl CustomOp1 for GeluErf {
         };
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
+}
+
+/// `d *= g` elementwise, in parallel chunks of `chunk` values.
+fn mul_assign_par(d: &mut [f32], g: &[f32], chunk: usize) {
+    d.par_chunks_mut(chunk.max(1)).zip(g.par_chunks(chunk.max(1))).for_each(|(d, g)| simd::mul_assign(d, g));
 }
 
 /// `g · gelu'(x)`, in parallel chunks.
@@ -1202,7 +1207,7 @@ impl CustomOp1 for FrozenLinearGelu {
             let chunk = out_f * rows_per_task(out_f);
             let dpre = match saved {
                 GeluSaved::Slope(mut d) => {
-                    d.par_chunks_mut(chunk).zip(g.par_chunks(chunk)).for_each(|(d, g)| simd::mul_assign(d, g));
+                    mul_assign_par(&mut d, g, chunk);
                     d
                 }
                 GeluSaved::Pre(mut p) => {
