@@ -333,6 +333,16 @@ def header(p, what):
             f"{fmt(p.get('loadavg_start'), 2)}.\n\n")
 
 
+def cross_ok(p, f32):
+    """Whether rows comparing part `p` (bf16) with the f32 part `f32` are fair: both ran on the same CPU."""
+    return f32 is not None and f32.get("cpu") == p.get("cpu") and bool(f32.get("medians", {}).get("theirs"))
+
+
+def cross_skipped(p, f32):
+    return (f"\nbf16: rows comparing ours in bf16 with PyTorch in f32 are left out: the f32 part last ran on "
+            f"{f32.get('cpu', '?')} ({f32.get('date', '?')}), this one on {p.get('cpu', '?')}.\n")
+
+
 def md_fixed(p, peak, f32=None):
     """`f32`: the f32 fixed part, when `p` is the bf16 one (adds rows against PyTorch f32)."""
     O, T = p["medians"]["ours"], p["medians"]["theirs"]
@@ -374,7 +384,8 @@ def md_fixed(p, peak, f32=None):
     for k, name in (("peak_rss_mb_train", "peak RSS MB (train)"), ("peak_rss_mb_infer", "peak RSS MB (infer)")):
         a, b = g(O, k), g(T, k)
         rows.append((name, a, b, ratio_str(div(a, b)), "", None, 0))
-    if bf16:
+    cross = bf16 and cross_ok(p, f32)
+    if cross:
         F = f32["medians"]["theirs"]
         for k, name in (("train_samples_per_s", "train"), ("infer_samples_per_s_base", "infer (base)"),
                         ("infer_samples_per_s_unmerged", "infer (unmerged)"), ("infer_samples_per_s_merged", "infer (merged)")):
@@ -391,8 +402,9 @@ def md_fixed(p, peak, f32=None):
         note += ("\nbf16: ours `--matmul-precision bf16` (frozen-weight GEMMs with bf16 inputs and f32 sums on AMX "
                  "tiles; LoRA, attention, norms and the optimizer in f32); PyTorch `torch.autocast('cpu', "
                  "dtype=torch.bfloat16)` around the forward pass, as `Trainer(bf16=True)` does (linears and attention "
-                 "matmuls in bf16 through oneDNN). The last rows compare ours in bf16 with PyTorch in f32 (the "
-                 f"fixed part, {f32.get('date', '?')}).\n")
+                 "matmuls in bf16 through oneDNN).")
+        note += (f" The last rows compare ours in bf16 with PyTorch in f32 (the fixed part, {f32.get('date', '?')}).\n"
+                 if cross else "\n" + cross_skipped(p, f32))
         return header(p, "Fixed-shape encoder step in bf16 (`lora bench --matmul-precision bf16` vs peft_bench.py --bf16)") + table(rows) + note
     return header(p, "Fixed-shape encoder step (`lora bench` vs peft_bench.py)") + table(rows) + note
 
@@ -424,7 +436,8 @@ def md_e2e(p, f32=None):
             f"{', max ' + str(s['max_steps']) + ' steps' if s.get('max_steps') else ''}, lr 5e-4, batch 32, max length 128, "
             "LoRA r=8 alpha=16 dropout 0.1 on query,value + classifier, best epoch by validation macro F1, then the "
             "test split. Wall and peak RSS measured from outside each process (ours: `lora train` + `lora eval`).\n")
-    if bf16:
+    cross = bf16 and cross_ok(p, f32)
+    if cross:
         F = f32["medians"]["theirs"]
         wf = F.get("wall_s")
         spf = div(wf, wo)
@@ -438,10 +451,12 @@ def md_e2e(p, f32=None):
         rr_f = div(ro, F.get("peak_rss_mb"))
         rows.append(("peak RSS MB: ours bf16 vs PyTorch f32", ro, F.get("peak_rss_mb"), ratio_str(rr_f), "<= 0.5x",
                      None if rr_f is None else rr_f <= 0.5, 0))
+    if bf16:
         note += ("\nbf16: ours `--matmul-precision bf16` for `lora train` and `lora eval` (frozen-weight GEMMs in "
                  "bf16 with f32 sums on AMX tiles; the adapter, attention, norms and AdamW in f32); PyTorch "
-                 "`TrainingArguments(bf16=True)` (autocast to bf16 on the CPU for training and evaluation). The last "
-                 f"rows compare ours in bf16 with PyTorch in f32 (the e2e part, {f32.get('date', '?')}).\n")
+                 "`TrainingArguments(bf16=True)` (autocast to bf16 on the CPU for training and evaluation).")
+        note += (f" The last rows compare ours in bf16 with PyTorch in f32 (the e2e part, {f32.get('date', '?')}).\n"
+                 if cross else "\n" + cross_skipped(p, f32))
         return header(p, "End to end in bf16: sentiment fine-tuning to test accuracy (`--matmul-precision bf16` vs Trainer bf16=True)") + table(rows) + note
     return header(p, "End to end: sentiment fine-tuning to test accuracy (`lora train` + `lora eval` vs transformers Trainer + PEFT)") + table(rows) + note
 
