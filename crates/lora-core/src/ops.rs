@@ -281,10 +281,21 @@ fn check_operands(m: usize, n: usize, k: usize, lhs: &[f32], lhs_rs: usize, lhs_
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(m: usize, n: usize, k: usize, dst: *mut f32, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, scale: f32) {
     if rhs_cs == 1 && m > 48 && k >= 64 && n >= PANEL {
-        // Packed here, since the raised threshold (read_panels_in_place)
-        // would have the crate read this operand in place, strided.
-        let panels = Panels::pack(k, n, rhs, rhs_rs, 1);
-        return gemm_panels(m, dst, n, read_dst, lhs, lhs_rs, lhs_cs, &panels, scale);
+        // Packed here, one panel at a time (k·64 values, not a copy of the
+        // whole operand: the decoder's tied LM head is 113 MB), since the
+        // raised threshold (read_panels_in_place) would have the crate read
+        // this operand in place, strided.
+        read_panels_in_place();
+        let mut panel: Vec<f32> = Vec::with_capacity(k * PANEL);
+        for j0 in (0..n).step_by(PANEL) {
+            let w = PANEL.min(n - j0);
+            panel.clear();
+            for p in 0..k {
+                panel.extend_from_slice(&rhs[p * rhs_rs + j0..p * rhs_rs + j0 + w]);
+            }
+            gemm_panel(m, w, k, dst.add(j0), n, read_dst, lhs, lhs_rs, lhs_cs, &panel, scale);
+        }
+        return;
     }
     gemm::gemm(
         m,
@@ -374,29 +385,39 @@ pub(crate) unsafe fn gemm_panels(m: usize, dst: *mut f32, dst_rs: usize, read_ds
     read_panels_in_place();
     for (q, panel) in panels.data.chunks(k * PANEL).enumerate() {
         let j0 = q * PANEL;
-        let w = PANEL.min(n - j0);
-        gemm::gemm(
-            m,
-            w,
-            k,
-            dst.add(j0),
-            1,
-            dst_rs as isize,
-            read_dst,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            panel.as_ptr(),
-            1,
-            w as isize,
-            if read_dst { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            threads(),
-        )
+        gemm_panel(m, PANEL.min(n - j0), k, dst.add(j0), dst_rs, read_dst, lhs, lhs_rs, lhs_cs, panel, scale);
     }
+}
+
+/// `dst (m×w, row stride dst_rs) = [dst +] scale · lhs · panel`, `panel`
+/// k rows of w contiguous values.
+///
+/// # Safety
+/// As [`gemm_panels`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_panel(m: usize, w: usize, k: usize, dst: *mut f32, dst_rs: usize, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, panel: &[f32], scale: f32) {
+    debug_assert!(panel.len() >= k * w);
+    gemm::gemm(
+        m,
+        w,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        read_dst,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        panel.as_ptr(),
+        1,
+        w as isize,
+        if read_dst { 1.0 } else { 0.0 },
+        scale,
+        false,
+        false,
+        false,
+        threads(),
+    )
 }
 
 /// Raises the gemm crate's single-thread packing threshold (for its left
