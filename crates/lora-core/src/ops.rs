@@ -293,31 +293,11 @@ unsafe fn gemm_raw(m: usize, n: usize, k: usize, dst: *mut f32, read_dst: bool, 
             for p in 0..k {
                 panel.extend_from_slice(&rhs[p * rhs_rs + j0..p * rhs_rs + j0 + w]);
             }
-            gemm_panel(m, w, k, dst.add(j0), n, read_dst, lhs, lhs_rs, lhs_cs, &panel, scale);
+            gemm_call(m, w, k, dst.add(j0), n, read_dst, lhs, lhs_rs, lhs_cs, panel.as_ptr(), w, 1, scale);
         }
         return;
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        n as isize,
-        read_dst,
-        lhs.as_ptr(),
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs.as_ptr(),
-        rhs_cs as isize,
-        rhs_rs as isize,
-        if read_dst { 1.0 } else { 0.0 },
-        scale,
-        false,
-        false,
-        false,
-        threads(),
-    )
+    gemm_call(m, n, k, dst, n, read_dst, lhs, lhs_rs, lhs_cs, rhs.as_ptr(), rhs_rs, rhs_cs, scale)
 }
 
 /// Columns per panel of [`Panels`]: four of the gemm crate's AVX-512 f32
@@ -385,21 +365,21 @@ pub(crate) unsafe fn gemm_panels(m: usize, dst: *mut f32, dst_rs: usize, read_ds
     read_panels_in_place();
     for (q, panel) in panels.data.chunks(k * PANEL).enumerate() {
         let j0 = q * PANEL;
-        gemm_panel(m, PANEL.min(n - j0), k, dst.add(j0), dst_rs, read_dst, lhs, lhs_rs, lhs_cs, panel, scale);
+        let w = PANEL.min(n - j0);
+        gemm_call(m, w, k, dst.add(j0), dst_rs, read_dst, lhs, lhs_rs, lhs_cs, panel.as_ptr(), w, 1, scale);
     }
 }
 
-/// `dst (m×w, row stride dst_rs) = [dst +] scale · lhs · panel`, `panel`
-/// k rows of w contiguous values.
+/// `dst (m×n, row stride dst_rs) = [dst +] scale · lhs · rhs` on the gemm
+/// crate, `rhs` element (p, j) at `rhs[p·rhs_rs + j·rhs_cs]`.
 ///
 /// # Safety
-/// As [`gemm_panels`].
+/// As [`gemm_panels`]; `rhs` valid for its k×n strided reads.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_panel(m: usize, w: usize, k: usize, dst: *mut f32, dst_rs: usize, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, panel: &[f32], scale: f32) {
-    debug_assert!(panel.len() >= k * w);
+unsafe fn gemm_call(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize, scale: f32) {
     gemm::gemm(
         m,
-        w,
+        n,
         k,
         dst,
         1,
@@ -408,9 +388,9 @@ unsafe fn gemm_panel(m: usize, w: usize, k: usize, dst: *mut f32, dst_rs: usize,
         lhs.as_ptr(),
         lhs_cs as isize,
         lhs_rs as isize,
-        panel.as_ptr(),
-        1,
-        w as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
         if read_dst { 1.0 } else { 0.0 },
         scale,
         false,
