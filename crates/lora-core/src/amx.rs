@@ -263,13 +263,13 @@ impl Packs {
     /// `Wᵀ` (in×out) in column panels, for `w` (out×in) row-major.
     pub(crate) fn forward_panels(&self, w: &[f32], out_f: usize, in_f: usize) -> Arc<crate::ops::Panels> {
         self.f32p_fwd
-            .get_or_init(|| Arc::new(crate::ops::Panels::pack(in_f, out_f, &crate::ops::transpose_par(w, out_f, in_f), out_f, 1)))
+            .get_or_init(|| Arc::new(crate::ops::Panels::pack(in_f, out_f, &crate::ops::transpose_par(w, out_f, in_f), out_f)))
             .clone()
     }
 
     /// `W` (out×in) in column panels, made on the first backward.
     pub(crate) fn backward_panels(&self, w: &[f32], out_f: usize, in_f: usize) -> Arc<crate::ops::Panels> {
-        self.f32p_bwd.get_or_init(|| Arc::new(crate::ops::Panels::pack(out_f, in_f, w, in_f, 1))).clone()
+        self.f32p_bwd.get_or_init(|| Arc::new(crate::ops::Panels::pack(out_f, in_f, w, in_f))).clone()
     }
 
     /// Bytes held by the bf16 tile packs.

@@ -280,19 +280,17 @@ fn check_operands(m: usize, n: usize, k: usize, lhs: &[f32], lhs_rs: usize, lhs_
 /// the operands must hold their strided elements ([`check_operands`]).
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_raw(m: usize, n: usize, k: usize, dst: *mut f32, read_dst: bool, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, scale: f32) {
+    // m > 48: where the crate's default threshold (8 tiles of 6 rows) packed.
     if rhs_cs == 1 && m > 48 && k >= 64 && n >= PANEL {
         // Packed here, one panel at a time (k·64 values, not a copy of the
         // whole operand: the decoder's tied LM head is 113 MB), since the
         // raised threshold (read_panels_in_place) would have the crate read
         // this operand in place, strided.
         read_panels_in_place();
-        let mut panel: Vec<f32> = Vec::with_capacity(k * PANEL);
+        let mut panel = vec![0f32; k * PANEL];
         for j0 in (0..n).step_by(PANEL) {
             let w = PANEL.min(n - j0);
-            panel.clear();
-            for p in 0..k {
-                panel.extend_from_slice(&rhs[p * rhs_rs + j0..p * rhs_rs + j0 + w]);
-            }
+            fill_panel(&mut panel[..k * w], rhs, rhs_rs, j0, w);
             gemm_call(m, w, k, dst.add(j0), n, read_dst, lhs, lhs_rs, lhs_cs, panel.as_ptr(), w, 1, scale);
         }
         return;
@@ -322,23 +320,14 @@ pub(crate) struct Panels {
 }
 
 impl Panels {
-    /// Packs `rhs` (k×n, element (p, j) at `rhs[p·rs + j·cs]`).
-    pub(crate) fn pack(k: usize, n: usize, rhs: &[f32], rs: usize, cs: usize) -> Self {
+    /// Packs `rhs` (k×n row-major, row stride `rs`).
+    pub(crate) fn pack(k: usize, n: usize, rhs: &[f32], rs: usize) -> Self {
         let mut data = vec![0f32; k * n];
         if k > 0 && n > 0 {
-            assert!(rhs.len() > (k - 1) * rs + (n - 1) * cs, "panels: operand too short");
+            assert!(rs >= n && rhs.len() >= (k - 1) * rs + n, "panels: operand too short");
             data.par_chunks_mut(k * PANEL).enumerate().for_each(|(q, panel)| {
                 let j0 = q * PANEL;
-                let w = PANEL.min(n - j0);
-                for (p, row) in panel.chunks_exact_mut(w).enumerate() {
-                    if cs == 1 {
-                        row.copy_from_slice(&rhs[p * rs + j0..p * rs + j0 + w]);
-                    } else {
-                        for (jj, v) in row.iter_mut().enumerate() {
-                            *v = rhs[p * rs + (j0 + jj) * cs];
-                        }
-                    }
-                }
+                fill_panel(panel, rhs, rs, j0, PANEL.min(n - j0));
             });
         }
         Self { k, n, data }
@@ -346,6 +335,14 @@ impl Panels {
 
     pub(crate) fn bytes(&self) -> usize {
         self.data.len() * 4
+    }
+}
+
+/// Columns `j0..j0 + w` of `rhs` (row stride `rs`) into `panel`, its rows
+/// of `w` values one after the other.
+fn fill_panel(panel: &mut [f32], rhs: &[f32], rs: usize, j0: usize, w: usize) {
+    for (p, row) in panel.chunks_exact_mut(w).enumerate() {
+        row.copy_from_slice(&rhs[p * rs + j0..p * rs + j0 + w]);
     }
 }
 
@@ -1353,7 +1350,7 @@ pub(crate) mod tests {
         out
     }
 
-    /// Column panels (ragged last panel, both source layouts) through
+    /// Column panels (ragged last panel, dense and wider-strided sources) through
     /// `gemm_panels`, writing and accumulating into a wider destination, and
     /// `sgemm_new`'s own panel path for unit-column-stride operands: all equal
     /// the f64 product within 1e-5 relative (f32 sums over k ≤ 300).
@@ -1364,9 +1361,9 @@ pub(crate) mod tests {
             let (lhs, rhs) = (v(m * k, 1), v(k * n, 2));
             let want = mm_f64(m, n, k, &lhs, k, 1, &rhs, n, 1);
             let tol = |w: f64| 1e-5 * (k as f64).sqrt() * 4.0 + 1e-6 * w.abs();
-            // Row-major rhs (cs = 1) and its transposed storage (rs = 1).
-            let rhs_t = transpose_par(&rhs, k, n);
-            for panels in [Panels::pack(k, n, &rhs, n, 1), Panels::pack(k, n, &rhs_t, 1, k)] {
+            // Row-major rhs, dense and inside a wider buffer (row stride n + 3).
+            let wide: Vec<f32> = rhs.chunks(n).flat_map(|r| r.iter().copied().chain([9.0; 3])).collect();
+            for panels in [Panels::pack(k, n, &rhs, n), Panels::pack(k, n, &wide, n + 3)] {
                 assert_eq!(panels.bytes(), k * n * 4, "no padding");
                 let got = panels_new(m, &lhs, k, &panels);
                 for (g, w) in got.iter().zip(&want) {
